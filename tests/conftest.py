@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny random Llama target (odd sizes) and the embedded default, each built once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperdas.targets import EMBEDDED_DEFAULT, FrozenTarget, build_random_target, load_target
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    """A Llama config small enough for CPU tests, with deliberately odd sizes (D=40, 5 heads, 1 KV head)."""
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=40,
+        intermediate_size=56,
+        num_hidden_layers=3,
+        num_attention_heads=5,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=2,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> FrozenTarget:
+    """The embedded default target (SmolLM2-135M-Instruct), converted once per machine and cached."""
+    return load_target(EMBEDDED_DEFAULT)
+
+
+@pytest.fixture(scope="session")
+def tiny_target(smollm2) -> FrozenTarget:
+    """A random 3-layer Llama with SmolLM2's tokenizer, so real RAVEL text tokenises."""
+    return build_random_target(tiny_llama_config(len(smollm2.tokenizer)), tokenizer=smollm2.tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_target_f64(smollm2) -> FrozenTarget:
+    """The tiny random Llama in float64, for exact-equivalence tests."""
+    return build_random_target(
+        tiny_llama_config(len(smollm2.tokenizer)), tokenizer=smollm2.tokenizer, dtype=torch.float64, seed=0
+    )

@@ -1,0 +1,105 @@
+"""The target interface against the plain transformers forward (same logits, same states)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperdas.targets import (
+    UnsupportedTargetError,
+    architecture_of,
+    embedded_default_folder,
+    load_target,
+    position_ids_from_mask,
+)
+
+
+def _left_padded_batch(tokenizer, texts):
+    rows = [tokenizer(t, add_special_tokens=True).input_ids for t in texts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+        mask[b, width - len(row):] = 1
+    return ids, mask
+
+
+TEXTS = ["Vienna is a city in the country of", "Paris", "The capital of Japan, the largest city, is"]
+
+
+def _check_against_hf(target, tol):
+    ids, mask = _left_padded_batch(target.tokenizer, TEXTS)
+    pos = position_ids_from_mask(mask)
+    with torch.no_grad():
+        ref = target.model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    states = target.hidden_states(ids, mask)
+    n = target.num_states
+    assert states.shape == (ids.shape[0], ids.shape[1], n, target.hidden_size)
+    real = mask.bool()
+    # embeddings and every decoder layer but the last (HF applies the final norm to its last entry)
+    for k in range(n - 1):
+        torch.testing.assert_close(states[:, :, k][real], ref.hidden_states[k][real], **tol)
+    # logits at chosen positions, from every start layer, equal the full forward's logits there
+    positions = torch.stack([torch.arange(ids.shape[1] - 3, ids.shape[1])] * ids.shape[0])
+    expected = ref.logits.gather(1, positions[..., None].expand(-1, -1, ref.logits.shape[-1]))
+    real_at = mask.gather(1, positions).bool()  # compare where the position holds a real token
+    assert real_at.sum() >= 7
+    for k in (0, 1, n - 1):
+        got = target.run_from_layer(states[:, :, k], k, mask, positions)
+        torch.testing.assert_close(got[real_at], expected[real_at], **tol)
+
+
+def test_tiny_llama_matches_hf_forward(tiny_target_f64):
+    _check_against_hf(tiny_target_f64, dict(rtol=1e-9, atol=1e-9))
+
+
+def test_embedded_default_matches_hf_forward(smollm2):
+    assert smollm2.num_layers == 30 and smollm2.hidden_size == 576
+    _check_against_hf(smollm2, dict(rtol=1e-4, atol=1e-4))
+
+
+def test_embedded_default_is_cached_as_safetensors(smollm2):
+    folder = embedded_default_folder()
+    assert (folder / "config.json").is_file()
+    assert list(folder.glob("*.safetensors"))
+
+
+def test_gradients_reach_the_given_states(tiny_target_f64):
+    ids, mask = _left_padded_batch(tiny_target_f64.tokenizer, TEXTS)
+    states = tiny_target_f64.hidden_states(ids, mask)
+    h = states[:, :, 2].clone().requires_grad_(True)
+    logits = tiny_target_f64.run_from_layer(h, 2, mask, torch.zeros(len(TEXTS), 1, dtype=torch.long) + ids.shape[1] - 1)
+    logits.sum().backward()
+    assert h.grad is not None and h.grad[:, -1].abs().sum() > 0
+    assert all(p.grad is None for p in tiny_target_f64.parameters())
+
+
+def test_checkpointed_layers_give_the_same_gradients(tiny_target_f64):
+    ids, mask = _left_padded_batch(tiny_target_f64.tokenizer, TEXTS)
+    states = tiny_target_f64.hidden_states(ids, mask)
+    last = torch.full((len(TEXTS), 1), ids.shape[1] - 1)
+    grads = []
+    for flag in (False, True):
+        h = states[:, :, 1].clone().requires_grad_(True)
+        tiny_target_f64.run_from_layer(h, 1, mask, last, checkpoint_layers=flag).square().sum().backward()
+        grads.append(h.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_layer_out_of_range_is_a_clear_error(tiny_target):
+    h = torch.zeros(1, 2, tiny_target.hidden_size)
+    with pytest.raises(ValueError, match=r"layer 9 is out of range: allowed 0\.\.3"):
+        tiny_target.run_from_layer(h, 9, torch.ones(1, 2), torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedTargetError, match=r"'gpt2' is not supported.*llama"):
+        architecture_of(GPT2Config())
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(UnsupportedTargetError, match="cannot load target"):
+        load_target(str(tmp_path / "nope"))

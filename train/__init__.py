@@ -1,0 +1,1 @@
+"""The applications: the trainer, the `hyperdas` command line, the DeepSpeed entry script and configs."""
