@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from hyperdas.targets import EMBEDDED_DEFAULT, FrozenTarget, build_random_target, load_target
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through Triton's interpreter; this must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from hyperdas.targets import EMBEDDED_DEFAULT, FrozenTarget, build_random_target, load_target  # noqa: E402
 
 
 def tiny_llama_config(vocab_size: int, **overrides):
