@@ -1,0 +1,609 @@
+"""HyperDAS token-position selection head: a column softmax over source tokens, fused in Triton.
+
+The head scores every (source token i, base token j) pair and normalises over the SOURCE axis, with an extra
+SELF row (i = Ts, "keep the base"), so that every column of A (B, Ts+1, Tb) sums to 1 (METHOD.md section 3).
+With the model's projections already applied (c_ij = W1 b_j + W2 s_i is linear, so W_k c_ij = kb_j + ks_i):
+
+    logit_ij  = 1/(H sqrt(hd)) sum_h q_h . RoPE_{p_j}(kb_jh + ks_ih)      for i < Ts
+    logit_Ts,j = 1/(H sqrt(hd)) sum_h q_h . RoPE_{p_j}(kself_jh)
+    logit_ij  = -inf where source i or base j is not selectable (i < Ts; the SELF row is never masked)
+    A[:, :, j] = softmax_i(logit_:,j)
+
+RoPE is a rotation R_j that is the same for every key of column j, so q_h . R_j k = (R_jᵀ q_h) . k. With
+q̃_j = concat_h R_jᵀ q_h (B, Tb, H·hd) the logits split into a per-column term and one batched matmul,
+
+    logit_ij = 1/(H sqrt(hd)) [q̃_j . kb_j + q̃_j . ks_i],
+
+and no (B, Ts, Tb, H, hd) pair tensor is ever needed. The file holds, in order: the RoPE helper, the literal
+reference (`selection_head_naive`, the oracle, which does materialise the pair keys as the authors' code
+does), the factorised PyTorch form (`selection_head_torch`, the CPU path), the Triton kernels with their
+launchers and `SelectionHeadFunction`, the dispatching `selection_head`, and the thin `SelectionHead` module.
+
+RoPE follows Hugging Face Llama ("rotate_half"): with x = (x1, x2) split in halves and θ_f = p·inv_freq_f,
+RoPE_p(x) = (x1 cos θ - x2 sin θ, x2 cos θ + x1 sin θ) and its transpose RoPE_pᵀ = RoPE_{-p}.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+__all__ = [
+    "SelectionHead",
+    "SelectionHeadFunction",
+    "rope_rotate",
+    "selection_head",
+    "selection_head_naive",
+    "selection_head_torch",
+]
+
+# Largest tile sizes of the Triton kernels (rows i, columns j, RoPE pairs f). Every tile is at least 16 wide,
+# the smallest shape tl.dot accepts; tests lower these to force several tiles along every axis.
+BLOCK_I_MAX = 64
+BLOCK_J_MAX = 32
+BLOCK_F_MAX = 32
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input checks and RoPE
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    base_keys: torch.Tensor,
+    source_keys: torch.Tensor,
+    self_keys: torch.Tensor,
+    query: torch.Tensor,
+    base_positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    base_mask: torch.Tensor,
+    source_mask: torch.Tensor,
+) -> tuple[int, int, int, int, int]:
+    """Validate the contract's shapes and dtypes; return (B, Ts, Tb, H, hd)."""
+    if base_keys.dim() != 4:
+        raise ValueError(f"base_keys must be (B, Tb, H, hd), got shape {tuple(base_keys.shape)}")
+    B, Tb, H, hd = base_keys.shape
+    if source_keys.dim() != 4 or source_keys.shape[0] != B or source_keys.shape[2:] != (H, hd):
+        raise ValueError(
+            f"source_keys must be (B, Ts, H, hd) = ({B}, Ts, {H}, {hd}), got shape {tuple(source_keys.shape)}"
+        )
+    Ts = source_keys.shape[1]
+    expected = {
+        "self_keys": (self_keys, (B, Tb, H, hd)),
+        "query": (query, (B, H, hd)),
+        "base_positions": (base_positions, (B, Tb)),
+        "inv_freq": (inv_freq, (hd // 2,)),
+        "base_mask": (base_mask, (B, Tb)),
+        "source_mask": (source_mask, (B, Ts)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (B={B}, Ts={Ts}, Tb={Tb}, H={H}, hd={hd}), "
+                             f"got {tuple(tensor.shape)}")
+    if hd % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got hd={hd}")
+    if Ts < 1 or Tb < 1:
+        raise ValueError(f"need at least one source and one base token, got Ts={Ts}, Tb={Tb}")
+    for name, tensor in (("base_keys", base_keys), ("source_keys", source_keys), ("self_keys", self_keys),
+                         ("query", query), ("inv_freq", inv_freq)):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if base_positions.is_floating_point() or base_positions.dtype == torch.bool:
+        raise ValueError(f"base_positions must be an integer tensor, got dtype {base_positions.dtype}")
+    for name, tensor in (("base_mask", base_mask), ("source_mask", source_mask)):
+        if tensor.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor, got dtype {tensor.dtype}")
+    devices = {t.device for t in (base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask,
+                                  source_mask)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+    return B, Ts, Tb, H, hd
+
+
+def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the PyTorch paths compute in: at least float32 (float64 when an input is float64)."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """rotate_half(x) = cat(-x2, x1) over the last axis, with x = cat(x1, x2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_rotate(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False
+) -> torch.Tensor:
+    """Hugging Face Llama RoPE: x·cos(emb) + rotate_half(x)·sin(emb), emb = cat(θ, θ), θ = p·inv_freq.
+
+    Args:
+        x: (..., H, hd) vectors to rotate; the heads axis is the second to last.
+        positions: integer positions broadcastable with x.shape[:-2].
+        inv_freq: (hd/2,) inverse frequencies.
+        inverse: rotate by -p instead, i.e. apply RoPE_pᵀ (RoPE_p is orthogonal).
+
+    Returns:
+        The rotated x, in float32 (float64 when x or inv_freq is float64).
+    """
+    dtype = _work_dtype(x, inv_freq)
+    theta = positions.to(dtype)[..., None] * inv_freq.to(dtype)  # (..., hd/2)
+    emb = torch.cat((theta, theta), dim=-1)[..., None, :]  # (..., 1, hd)
+    sin = -emb.sin() if inverse else emb.sin()
+    x = x.to(dtype)
+    return x * emb.cos() + _rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PyTorch references
+# --------------------------------------------------------------------------------------------------------------
+
+
+def selection_head_naive(
+    base_keys: torch.Tensor,
+    source_keys: torch.Tensor,
+    self_keys: torch.Tensor,
+    query: torch.Tensor,
+    base_positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    base_mask: torch.Tensor,
+    source_mask: torch.Tensor,
+) -> torch.Tensor:
+    """The literal, unfused selection head (the oracle): materialise every pair key, rotate, dot, softmax.
+
+    K_ij = RoPE_{p_j}(kb_j + ks_i) for i < Ts and K_Ts,j = RoPE_{p_j}(kself_j), all (B, Ts+1, Tb, H, hd);
+    logit_ij = mean_h(q_h . K_ij,h) / sqrt(hd), -inf where source i or base j is not selectable (i < Ts);
+    A = softmax over i.
+
+    Args:
+        base_keys: (B, Tb, H, hd) W_k W1 b_j.
+        source_keys: (B, Ts, H, hd) W_k W2 s_i.
+        self_keys: (B, Tb, H, hd) W_k b_j, the SELF row's keys.
+        query: (B, H, hd) W_q e, unrotated (position 0).
+        base_positions: (B, Tb) integer RoPE position of each base column.
+        inv_freq: (hd/2,) RoPE inverse frequencies.
+        base_mask: (B, Tb) bool, selectable base positions.
+        source_mask: (B, Ts) bool, selectable source tokens.
+
+    Returns:
+        A: (B, Ts+1, Tb) float32 (float64 when the inputs are float64); every column sums to 1.
+    """
+    B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions, inv_freq,
+                                     base_mask, source_mask)
+    dtype = _work_dtype(base_keys, source_keys, self_keys, query, inv_freq)
+    pair_keys = base_keys.to(dtype)[:, None] + source_keys.to(dtype)[:, :, None]  # (B, Ts, Tb, H, hd)
+    pair_keys = rope_rotate(pair_keys, base_positions[:, None, :], inv_freq)
+    own_keys = rope_rotate(self_keys.to(dtype), base_positions, inv_freq)  # (B, Tb, H, hd)
+    keys = torch.cat((pair_keys, own_keys[:, None]), dim=1)  # (B, Ts+1, Tb, H, hd)
+    logits = (keys * query.to(dtype)[:, None, None]).sum(-1).mean(-1) / math.sqrt(hd)  # (B, Ts+1, Tb)
+    selectable = source_mask[:, :, None] & base_mask[:, None, :]  # (B, Ts, Tb)
+    keep = torch.cat((selectable, selectable.new_ones(B, 1, Tb)), dim=1)  # (B, Ts+1, Tb)
+    return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)
+
+
+def selection_head_torch(
+    base_keys: torch.Tensor,
+    source_keys: torch.Tensor,
+    self_keys: torch.Tensor,
+    query: torch.Tensor,
+    base_positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    base_mask: torch.Tensor,
+    source_mask: torch.Tensor,
+) -> torch.Tensor:
+    """The selection head without pair tensors: a per-column term plus one batched matmul.
+
+    q̃_j = concat_h RoPE_{p_j}ᵀ q_h (B, Tb, H·hd); logit_ij = (q̃_j . kb_j + q̃_j . ks_i) / (H sqrt(hd)) for
+    i < Ts, logit_Ts,j = q̃_j . kself_j / (H sqrt(hd)); masked and column-softmaxed as in
+    `selection_head_naive`. Arguments and result are those of `selection_head_naive`.
+    """
+    B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions, inv_freq,
+                                     base_mask, source_mask)
+    dtype = _work_dtype(base_keys, source_keys, self_keys, query, inv_freq)
+    scale = 1.0 / (H * math.sqrt(hd))
+    q_rot = rope_rotate(query.to(dtype)[:, None].expand(B, Tb, H, hd), base_positions, inv_freq, inverse=True)
+    q_rot = q_rot.reshape(B, Tb, H * hd)  # (B, Tb, D) with D = H·hd
+    column = (q_rot * base_keys.to(dtype).reshape(B, Tb, H * hd)).sum(-1)  # (B, Tb)
+    own = (q_rot * self_keys.to(dtype).reshape(B, Tb, H * hd)).sum(-1)  # (B, Tb)
+    cross = torch.bmm(source_keys.to(dtype).reshape(B, Ts, H * hd), q_rot.transpose(1, 2))  # (B, Ts, Tb)
+    logits = (cross + column[:, None, :]) * scale
+    selectable = source_mask[:, :, None] & base_mask[:, None, :]  # (B, Ts, Tb)
+    logits = torch.cat((logits.masked_fill(~selectable, float("-inf")), (own * scale)[:, None]), dim=1)
+    return torch.softmax(logits, dim=1)  # (B, Ts+1, Tb)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------------
+# Layout shared by every kernel: keys and query are contiguous, so row t of a (B, T, H, hd) tensor starts at
+# (b·T + t)·D, D = H·hd. The feature axis is walked in RoPE pairs f in [0, H·hd/2): pair f of head
+# h = f // (hd/2) couples the dimensions lo = h·hd + f mod (hd/2) and hi = lo + hd/2, so every rotation is
+# local to one tile. cos/sin are (B, Tb, hd/2) float32 tables: cos[b, j, r] = cos(p_bj · inv_freq_r).
+
+
+@triton.jit
+def _pair_columns(offs_f, P, HALF: tl.constexpr, HD: tl.constexpr):
+    """Feature columns (lo, hi) of RoPE pairs offs_f, their frequency index r and validity f < P."""
+    r = offs_f % HALF
+    lo = (offs_f // HALF) * HD + r
+    return lo, lo + HALF, r, offs_f < P
+
+
+@triton.jit
+def _rotated_query(q_ptr, cos_ptr, sin_ptr, b, offs_j, lo, hi, r, f_ok, Tb, P, HALF: tl.constexpr):
+    """q̃ = RoPE_{p_j}ᵀ q on a (BLOCK_J, BLOCK_F) tile of pairs: q̃1 = q1 cos + q2 sin, q̃2 = q2 cos - q1 sin.
+
+    Returns (q̃1, q̃2, cos, sin); rows j >= Tb and pairs f >= P are zero.
+    """
+    q1 = tl.load(q_ptr + b * (P * 2) + lo, mask=f_ok, other=0.0).to(tl.float32)  # (F,)
+    q2 = tl.load(q_ptr + b * (P * 2) + hi, mask=f_ok, other=0.0).to(tl.float32)
+    jf_ok = (offs_j < Tb)[:, None] & f_ok[None, :]
+    table = (b * Tb + offs_j)[:, None] * HALF + r[None, :]  # (J, F)
+    cos = tl.load(cos_ptr + table, mask=jf_ok, other=0.0)
+    sin = tl.load(sin_ptr + table, mask=jf_ok, other=0.0)
+    q_rot1 = q1[None, :] * cos + q2[None, :] * sin
+    q_rot2 = q2[None, :] * cos - q1[None, :] * sin
+    return q_rot1, q_rot2, cos, sin
+
+
+@triton.jit
+def _selection_fwd_kernel(
+    kb_ptr, ks_ptr, kself_ptr, q_ptr, cos_ptr, sin_ptr, bmask_ptr, smask_ptr, out_ptr,
+    Ts, Tb, P, scale,
+    HALF: tl.constexpr, HD: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """Forward for one batch row b and a tile of BLOCK_J base columns; writes A[b, :, j-tile].
+
+    1. column terms  c_j = s·q̃_j.kb_j,  l_Ts,j = s·q̃_j.kself_j   (s = 1/(H sqrt(hd)))
+    2. for every source tile: l_ij = s·ks_i.q̃_j + c_j, -inf where not selectable; stored raw in A while the
+       column max m_j and sum z_j = Σ_i exp(l_ij - m_j) are kept online (started from the SELF row, which is
+       never masked, so m_j is always finite);
+    3. A_ij = exp(l_ij - m_j) / z_j, read back and rewritten in place.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = offs_j < Tb
+    D = P * 2
+    column = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    own = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    for f0 in range(0, P, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        lo, hi, r, f_ok = _pair_columns(offs_f, P, HALF, HD)
+        q1, q2, cos, sin = _rotated_query(q_ptr, cos_ptr, sin_ptr, b, offs_j, lo, hi, r, f_ok, Tb, P, HALF)
+        rows = (b * Tb + offs_j)[:, None] * D
+        jf_ok = j_ok[:, None] & f_ok[None, :]
+        kb1 = tl.load(kb_ptr + rows + lo[None, :], mask=jf_ok, other=0.0).to(tl.float32)
+        kb2 = tl.load(kb_ptr + rows + hi[None, :], mask=jf_ok, other=0.0).to(tl.float32)
+        ko1 = tl.load(kself_ptr + rows + lo[None, :], mask=jf_ok, other=0.0).to(tl.float32)
+        ko2 = tl.load(kself_ptr + rows + hi[None, :], mask=jf_ok, other=0.0).to(tl.float32)
+        column += tl.sum(q1 * kb1 + q2 * kb2, axis=1)
+        own += tl.sum(q1 * ko1 + q2 * ko2, axis=1)
+    column = column * scale
+    own = own * scale
+    base_ok = tl.load(bmask_ptr + b * Tb + offs_j, mask=j_ok, other=0) != 0
+    col_max = own
+    col_sum = tl.full((BLOCK_J,), 1.0, dtype=tl.float32)
+    a_base = out_ptr + b * (Ts + 1) * Tb
+    for i0 in range(0, Ts, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        i_ok = offs_i < Ts
+        acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+        for f0 in range(0, P, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            lo, hi, r, f_ok = _pair_columns(offs_f, P, HALF, HD)
+            q1, q2, cos, sin = _rotated_query(q_ptr, cos_ptr, sin_ptr, b, offs_j, lo, hi, r, f_ok, Tb, P, HALF)
+            rows = (b * Ts + offs_i)[:, None] * D
+            if_ok = i_ok[:, None] & f_ok[None, :]
+            ks1 = tl.load(ks_ptr + rows + lo[None, :], mask=if_ok, other=0.0).to(tl.float32)  # (I, F)
+            ks2 = tl.load(ks_ptr + rows + hi[None, :], mask=if_ok, other=0.0).to(tl.float32)
+            acc = tl.dot(ks1, tl.trans(q1), acc, input_precision="ieee")
+            acc = tl.dot(ks2, tl.trans(q2), acc, input_precision="ieee")
+        source_ok = tl.load(smask_ptr + b * Ts + offs_i, mask=i_ok, other=0) != 0
+        logits = acc * scale + column[None, :]
+        logits = tl.where(source_ok[:, None] & base_ok[None, :], logits, float("-inf"))  # (I, J)
+        new_max = tl.maximum(col_max, tl.max(logits, axis=0))
+        col_sum = col_sum * tl.exp(col_max - new_max) + tl.sum(tl.exp(logits - new_max[None, :]), axis=0)
+        col_max = new_max
+        tl.store(a_base + offs_i[:, None] * Tb + offs_j[None, :], logits, mask=i_ok[:, None] & j_ok[None, :])
+    tl.debug_barrier()
+    inv_sum = 1.0 / col_sum
+    for i0 in range(0, Ts, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        ij_ok = (offs_i < Ts)[:, None] & j_ok[None, :]
+        ptrs = a_base + offs_i[:, None] * Tb + offs_j[None, :]
+        logits = tl.load(ptrs, mask=ij_ok, other=float("-inf"))
+        tl.store(ptrs, tl.exp(logits - col_max[None, :]) * inv_sum[None, :], mask=ij_ok)
+    tl.store(a_base + Ts * Tb + offs_j, tl.exp(own - col_max) * inv_sum, mask=j_ok)
+
+
+@triton.jit
+def _softmax_bwd_kernel(
+    a_ptr, da_ptr, g_ptr, gsum_ptr, Ts, Tb, scale, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Column-softmax backward for one batch row and a tile of columns, with the logit scale folded in.
+
+    G_ij = s · A_ij (dA_ij - Σ_i' A_i'j dA_i'j) over all Ts+1 rows; also gsum_j = Σ_{i<Ts} G_ij.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = offs_j < Tb
+    base = b * (Ts + 1) * Tb
+    a_own = tl.load(a_ptr + base + Ts * Tb + offs_j, mask=j_ok, other=0.0)
+    da_own = tl.load(da_ptr + base + Ts * Tb + offs_j, mask=j_ok, other=0.0).to(tl.float32)
+    inner = a_own * da_own
+    for i0 in range(0, Ts, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        ij_ok = (offs_i < Ts)[:, None] & j_ok[None, :]
+        idx = base + offs_i[:, None] * Tb + offs_j[None, :]
+        a = tl.load(a_ptr + idx, mask=ij_ok, other=0.0)
+        da = tl.load(da_ptr + idx, mask=ij_ok, other=0.0).to(tl.float32)
+        inner += tl.sum(a * da, axis=0)
+    tl.store(g_ptr + base + Ts * Tb + offs_j, scale * a_own * (da_own - inner), mask=j_ok)
+    gsum = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    for i0 in range(0, Ts, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        ij_ok = (offs_i < Ts)[:, None] & j_ok[None, :]
+        idx = base + offs_i[:, None] * Tb + offs_j[None, :]
+        a = tl.load(a_ptr + idx, mask=ij_ok, other=0.0)
+        da = tl.load(da_ptr + idx, mask=ij_ok, other=0.0).to(tl.float32)
+        g = scale * a * (da - inner[None, :])
+        tl.store(g_ptr + idx, g, mask=ij_ok)
+        gsum += tl.sum(g, axis=0)
+    tl.store(gsum_ptr + b * Tb + offs_j, gsum, mask=j_ok)
+
+
+@triton.jit
+def _source_bwd_kernel(
+    g_ptr, q_ptr, cos_ptr, sin_ptr, dks_ptr, Ts, Tb, P,
+    HALF: tl.constexpr, HD: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """d ks_i = Σ_j G_ij q̃_j for a tile of source rows and a tile of RoPE pairs (a (Ts x Tb)(Tb x D) matmul)."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
+    i_ok = offs_i < Ts
+    acc1 = tl.zeros((BLOCK_I, BLOCK_F), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_I, BLOCK_F), dtype=tl.float32)
+    lo, hi, r, f_ok = _pair_columns(offs_f, P, HALF, HD)
+    for j0 in range(0, Tb, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        q1, q2, cos, sin = _rotated_query(q_ptr, cos_ptr, sin_ptr, b, offs_j, lo, hi, r, f_ok, Tb, P, HALF)
+        g_ok = i_ok[:, None] & (offs_j < Tb)[None, :]
+        g = tl.load(g_ptr + (b * (Ts + 1) + offs_i)[:, None] * Tb + offs_j[None, :], mask=g_ok, other=0.0)
+        acc1 = tl.dot(g, q1, acc1, input_precision="ieee")
+        acc2 = tl.dot(g, q2, acc2, input_precision="ieee")
+    rows = (b * Ts + offs_i)[:, None] * (P * 2)
+    if_ok = i_ok[:, None] & f_ok[None, :]
+    tl.store(dks_ptr + rows + lo[None, :], acc1.to(dks_ptr.dtype.element_ty), mask=if_ok)
+    tl.store(dks_ptr + rows + hi[None, :], acc2.to(dks_ptr.dtype.element_ty), mask=if_ok)
+
+
+@triton.jit
+def _base_bwd_kernel(
+    g_ptr, gsum_ptr, kb_ptr, ks_ptr, kself_ptr, q_ptr, cos_ptr, sin_ptr, dkb_ptr, dkself_ptr, dq_ptr,
+    Ts, Tb, P,
+    HALF: tl.constexpr, HD: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """Column-side gradients for one batch row and a tile of RoPE pairs, looping over every base column.
+
+    d kb_j = gsum_j q̃_j,  d kself_j = G_Ts,j q̃_j,
+    d q̃_j = gsum_j kb_j + G_Ts,j kself_j + Σ_{i<Ts} G_ij ks_i   (a (Tb x Ts)(Ts x D) matmul),
+    d q_h = Σ_j RoPE_{p_j}(d q̃_jh):  dq1 += dq̃1 cos - dq̃2 sin,  dq2 += dq̃2 cos + dq̃1 sin.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    D = P * 2
+    dq1 = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    dq2 = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    lo, hi, r, f_ok = _pair_columns(offs_f, P, HALF, HD)
+    for j0 in range(0, Tb, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = offs_j < Tb
+        q1, q2, cos, sin = _rotated_query(q_ptr, cos_ptr, sin_ptr, b, offs_j, lo, hi, r, f_ok, Tb, P, HALF)
+        acc1 = tl.zeros((BLOCK_J, BLOCK_F), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_J, BLOCK_F), dtype=tl.float32)
+        for i0 in range(0, Ts, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            i_ok = offs_i < Ts
+            g_t = tl.load(g_ptr + (b * (Ts + 1) + offs_i)[None, :] * Tb + offs_j[:, None],
+                          mask=j_ok[:, None] & i_ok[None, :], other=0.0)  # (J, I) = Gᵀ
+            rows = (b * Ts + offs_i)[:, None] * D
+            if_ok = i_ok[:, None] & f_ok[None, :]
+            ks1 = tl.load(ks_ptr + rows + lo[None, :], mask=if_ok, other=0.0).to(tl.float32)  # (I, F)
+            ks2 = tl.load(ks_ptr + rows + hi[None, :], mask=if_ok, other=0.0).to(tl.float32)
+            acc1 = tl.dot(g_t, ks1, acc1, input_precision="ieee")
+            acc2 = tl.dot(g_t, ks2, acc2, input_precision="ieee")
+        g_sum = tl.load(gsum_ptr + b * Tb + offs_j, mask=j_ok, other=0.0)[:, None]  # (J, 1)
+        g_own = tl.load(g_ptr + (b * (Ts + 1) + Ts) * Tb + offs_j, mask=j_ok, other=0.0)[:, None]
+        rows = (b * Tb + offs_j)[:, None] * D
+        jf_ok = j_ok[:, None] & f_ok[None, :]
+        kb1 = tl.load(kb_ptr + rows + lo[None, :], mask=jf_ok, other=0.0).to(tl.float32)
+        kb2 = tl.load(kb_ptr + rows + hi[None, :], mask=jf_ok, other=0.0).to(tl.float32)
+        ko1 = tl.load(kself_ptr + rows + lo[None, :], mask=jf_ok, other=0.0).to(tl.float32)
+        ko2 = tl.load(kself_ptr + rows + hi[None, :], mask=jf_ok, other=0.0).to(tl.float32)
+        tl.store(dkb_ptr + rows + lo[None, :], (g_sum * q1).to(dkb_ptr.dtype.element_ty), mask=jf_ok)
+        tl.store(dkb_ptr + rows + hi[None, :], (g_sum * q2).to(dkb_ptr.dtype.element_ty), mask=jf_ok)
+        tl.store(dkself_ptr + rows + lo[None, :], (g_own * q1).to(dkself_ptr.dtype.element_ty), mask=jf_ok)
+        tl.store(dkself_ptr + rows + hi[None, :], (g_own * q2).to(dkself_ptr.dtype.element_ty), mask=jf_ok)
+        d_rot1 = acc1 + g_sum * kb1 + g_own * ko1  # (J, F)
+        d_rot2 = acc2 + g_sum * kb2 + g_own * ko2
+        dq1 += tl.sum(d_rot1 * cos - d_rot2 * sin, axis=0)
+        dq2 += tl.sum(d_rot2 * cos + d_rot1 * sin, axis=0)
+    tl.store(dq_ptr + b * D + lo, dq1.to(dq_ptr.dtype.element_ty), mask=f_ok)
+    tl.store(dq_ptr + b * D + hi, dq2.to(dq_ptr.dtype.element_ty), mask=f_ok)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers and autograd
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernels write (tests replace this to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tile(n: int, largest: int) -> int:
+    """A power-of-two tile for an axis of length n: at least 16 (tl.dot), at most `largest`."""
+    return max(16, min(largest, triton.next_power_of_2(n)))
+
+
+def _rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of θ = p·inv_freq in float32, as Hugging Face computes them: (B, Tb, hd/2) each."""
+    theta = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
+    return theta.cos().contiguous(), theta.sin().contiguous()
+
+
+def _check_triton(*tensors: torch.Tensor) -> None:
+    """The Triton path needs CUDA tensors (or Triton's CPU interpreter) and a dtype it supports."""
+    for tensor in tensors:
+        if tensor.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"the Triton selection head takes float32, bfloat16 or float16 keys and query, got "
+                             f"{tensor.dtype}; use use_triton=False for other dtypes")
+    if not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"the Triton selection head needs CUDA tensors (got device {tensors[0].device}) or "
+                           "TRITON_INTERPRET=1 set before triton is imported; use use_triton=False on CPU")
+
+
+class SelectionHeadFunction(torch.autograd.Function):
+    """Fused Triton selection head: forward writes A directly; backward never forms a pair tensor.
+
+    Saves A (the output, so no extra memory), the inputs and the (B, Tb, hd/2) cos/sin tables. Backward:
+    G = s·A ⊙ (dA − Σ_i A dA) (column softmax, s = 1/(H sqrt(hd))), then d ks = G[:, :Ts] q̃,
+    d kb_j = (Σ_{i<Ts} G_ij) q̃_j, d kself_j = G_Ts,j q̃_j, d q = Σ_j RoPE_{p_j}(d q̃_j). The only scratch
+    tensors are G (B, Ts+1, Tb) and its column sums (B, Tb). Positions, inv_freq and masks get no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        base_keys: torch.Tensor,
+        source_keys: torch.Tensor,
+        self_keys: torch.Tensor,
+        query: torch.Tensor,
+        base_positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        base_mask: torch.Tensor,
+        source_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions, inv_freq,
+                                         base_mask, source_mask)
+        _check_triton(base_keys, source_keys, self_keys, query)
+        kb, ks, kself, q = (t.contiguous() for t in (base_keys, source_keys, self_keys, query))
+        cos, sin = _rope_tables(base_positions, inv_freq)
+        scores = _alloc((B, Ts + 1, Tb), torch.float32, kb.device)
+        block_j = _tile(Tb, BLOCK_J_MAX)
+        _selection_fwd_kernel[(B, triton.cdiv(Tb, block_j))](
+            kb, ks, kself, q, cos, sin, base_mask.to(torch.int8).contiguous(),
+            source_mask.to(torch.int8).contiguous(), scores,
+            Ts, Tb, H * hd // 2, 1.0 / (H * math.sqrt(hd)),
+            HALF=hd // 2, HD=hd,
+            BLOCK_I=_tile(Ts, BLOCK_I_MAX), BLOCK_J=block_j, BLOCK_F=_tile(H * hd // 2, BLOCK_F_MAX),
+        )
+        ctx.save_for_backward(kb, ks, kself, q, cos, sin, scores)
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad_scores: torch.Tensor):
+        kb, ks, kself, q, cos, sin, scores = ctx.saved_tensors
+        B, Tb, H, hd = kb.shape
+        Ts = ks.shape[1]
+        P = H * hd // 2
+        device = kb.device
+        block_i, block_j, block_f = _tile(Ts, BLOCK_I_MAX), _tile(Tb, BLOCK_J_MAX), _tile(P, BLOCK_F_MAX)
+        consts = dict(HALF=hd // 2, HD=hd, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_F=block_f)
+        grad_logits = _alloc((B, Ts + 1, Tb), torch.float32, device)  # G, with the logit scale folded in
+        grad_sum = _alloc((B, Tb), torch.float32, device)  # Σ_{i<Ts} G_ij
+        _softmax_bwd_kernel[(B, triton.cdiv(Tb, block_j))](
+            scores, grad_scores.contiguous(), grad_logits, grad_sum, Ts, Tb, 1.0 / (H * math.sqrt(hd)),
+            BLOCK_I=block_i, BLOCK_J=block_j,
+        )
+        d_source = None
+        if ctx.needs_input_grad[1]:
+            d_source = _alloc(tuple(ks.shape), ks.dtype, device)
+            _source_bwd_kernel[(B, triton.cdiv(Ts, block_i), triton.cdiv(P, block_f))](
+                grad_logits, q, cos, sin, d_source, Ts, Tb, P, **consts
+            )
+        d_base = _alloc(tuple(kb.shape), kb.dtype, device)
+        d_self = _alloc(tuple(kself.shape), kself.dtype, device)
+        d_query = _alloc(tuple(q.shape), q.dtype, device)
+        _base_bwd_kernel[(B, triton.cdiv(P, block_f))](
+            grad_logits, grad_sum, kb, ks, kself, q, cos, sin, d_base, d_self, d_query, Ts, Tb, P, **consts
+        )
+        needs = ctx.needs_input_grad
+        return (d_base if needs[0] else None, d_source, d_self if needs[2] else None, d_query if needs[3] else None,
+                None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------------------
+
+
+def selection_head(
+    base_keys: torch.Tensor,
+    source_keys: torch.Tensor,
+    self_keys: torch.Tensor,
+    query: torch.Tensor,
+    base_positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    base_mask: torch.Tensor,
+    source_mask: torch.Tensor,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """The selection matrix A (B, Ts+1, Tb), float32, columns summing to 1 (see `selection_head_naive`).
+
+    Args:
+        base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask, source_mask: as in
+            `selection_head_naive`.
+        use_triton: True forces the fused Triton op (CUDA, or CPU under TRITON_INTERPRET=1), False forces
+            `selection_head_torch`; None picks Triton exactly when the keys are on CUDA.
+    """
+    if use_triton is None:
+        use_triton = base_keys.is_cuda
+    args = (base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask, source_mask)
+    if use_triton:
+        return SelectionHeadFunction.apply(*args)
+    return selection_head_torch(*args)
+
+
+class SelectionHead(nn.Module):
+    """Drop-in module around `selection_head` (no parameters: the model owns the projections).
+
+    Args:
+        use_triton: passed to `selection_head` (None: Triton on CUDA, PyTorch elsewhere).
+    """
+
+    def __init__(self, use_triton: bool | None = None) -> None:
+        super().__init__()
+        self.use_triton = use_triton
+
+    def forward(
+        self,
+        base_keys: torch.Tensor,
+        source_keys: torch.Tensor,
+        self_keys: torch.Tensor,
+        query: torch.Tensor,
+        base_positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        base_mask: torch.Tensor,
+        source_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """A (B, Ts+1, Tb) float32; see `selection_head_naive` for the arguments."""
+        return selection_head(base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask,
+                              source_mask, use_triton=self.use_triton)
+
+    def extra_repr(self) -> str:
+        return f"use_triton={self.use_triton}"
