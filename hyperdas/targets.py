@@ -56,7 +56,6 @@ ARCHITECTURES: dict[str, ArchitectureMap] = {
     "llama": _LLAMA_FAMILY,
     "mistral": _LLAMA_FAMILY,
     "qwen2": _LLAMA_FAMILY,
-    "qwen3": _LLAMA_FAMILY,
 }
 
 

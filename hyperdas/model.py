@@ -1,0 +1,281 @@
+"""HyperDAS: frozen target + editor + selection head + subspace module, wired into one training step.
+
+One step (ARCHITECTURE.md, "How data flows"), running the target TWICE rather than the reference's four times:
+
+1. one no-grad pass over base and source together (a 2B batch, hidden states only, no LM head);
+2. editor over the instruction, cross-attending to source and base states -> encoding e (B, D);
+3. selection A (B, Ts+1, Tb) and basis W (B, D, r) from e;
+4. interchange at layer k: h' = h + W Wᵀ (Aᵀ[:Ts] S + A_Ts ⊙ h − h) (fused on CUDA);
+5. target layers k..end on the patched base states, logits at the label positions only, with grad;
+6. weighted cross-entropy on the labels + the hinge sparsity penalty on A.
+No (B, D, D) and no (B, Ts, Tb, D) tensor is ever made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hyperdas.config import HyperDASConfig
+from hyperdas.editor import Editor, RunKeys
+from hyperdas.kernels.interchange import interchange
+from hyperdas.selection import SelectionHead, apply_selection_mode
+from hyperdas.subspace import MaskSelect, build_subspace
+from hyperdas.targets import FrozenTarget, load_target, position_ids_from_mask
+
+WEIGHTS_FILE = "hyperdas.safetensors"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossWeights:
+    """Per-example loss weights and the sparsity weight of the current step (METHOD.md, Training)."""
+
+    causal: float = 3.5
+    isolate: float = 0.5
+    sparsity: float = 0.0
+
+
+@dataclass
+class HyperDASOutput:
+    """What one forward gives.
+
+    Attributes:
+        loss: weighted CE + sparsity weight x penalty (scalar), or None without labels.
+        ce_loss: the weighted cross-entropy part (scalar).
+        sparsity_penalty: mean over the batch of Σ_i max(σ_i − 1, 0), σ_i = Σ_j A_ij (scalar).
+        logits: (B, P, V) at the label positions.
+        selection: A (B, Ts+1, Tb) as used (after the inference mode).
+    """
+
+    loss: torch.Tensor | None
+    ce_loss: torch.Tensor | None
+    sparsity_penalty: torch.Tensor
+    logits: torch.Tensor
+    selection: torch.Tensor
+
+
+def left_pad_to(x: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
+    """Left-pad (B, T, ...) to (B, width, ...) with ``value``."""
+    extra = width - x.shape[1]
+    if extra == 0:
+        return x
+    pad = x.new_full((x.shape[0], extra, *x.shape[2:]), value)
+    return torch.cat([pad, x], dim=1)
+
+
+def sparsity_penalty(selection: torch.Tensor) -> torch.Tensor:
+    """Hinge on how much each source token is taken: mean_b Σ_i max(Σ_j A_ij − 1, 0), real source rows only."""
+    taken = selection[:, :-1].sum(dim=2)  # (B, Ts)
+    return F.relu(taken - 1.0).sum(dim=1).mean()
+
+
+def weighted_label_loss(
+    logits: torch.Tensor, label_ids: torch.Tensor, is_causal: torch.Tensor, weights: LossWeights
+) -> torch.Tensor:
+    """Mean over the batch of w_b · (mean CE over example b's label tokens), w = causal or isolate weight."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; float64 stays
+    per_token = F.cross_entropy(
+        logits.transpose(1, 2), label_ids, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B, P)
+    counts = (label_ids != IGNORE_INDEX).sum(dim=1).clamp_min(1)
+    per_example = per_token.sum(dim=1) / counts
+    example_weight = torch.where(is_causal.bool(), weights.causal, weights.isolate).to(per_example.dtype)
+    return (example_weight * per_example).mean()
+
+
+class HyperDAS(nn.Module):
+    """The HyperDAS model. Only the editor, the selection head and the subspace module train.
+
+    Args:
+        config: the model configuration.
+        target: the frozen target; loaded from ``config.target`` when None.
+    """
+
+    def __init__(self, config: HyperDASConfig, target: FrozenTarget | None = None):
+        super().__init__()
+        config.validate()
+        if target is None:
+            target = load_target(config.target, dtype=getattr(torch, config.torch_dtype))
+        config.validate(num_layers=target.num_layers, hidden_size=target.hidden_size)
+        self.config = config
+        self.target = target
+        d = target.hidden_size
+        heads = config.num_editing_heads or target.config.num_attention_heads
+        self.editor = Editor(
+            target, config.chop_editor_at_layer, config.initialize_from_scratch, not config.freeze_editor_embeddings
+        )
+        self.editor.gradient_checkpointing = config.checkpoint_editor_layers
+        self.selection_head = SelectionHead(d, heads)
+        self.subspace = build_subspace(config.subspace_module, d, config.das_dimension, config.mask_temperature_start)
+        dtype = target.dtype
+        self.selection_head.to(dtype)
+        self.subspace.to(dtype)
+
+    # --- the trained parts ------------------------------------------------------------------------
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("target.")]
+
+    def param_groups(self, editor_lr: float, rotation_lr: float, mask_lr: float, weight_decay: float) -> list[dict]:
+        """AdamW groups: editor + selection head (editor_lr, decay), basis R (rotation_lr, no decay),
+        MaskSelect's mask projection (mask_lr, decay)."""
+        rotation, mask, rest = [], [], []
+        for name, param in self.trainable_named_parameters():
+            if name.startswith("subspace.rotation."):
+                rotation.append(param)
+            elif name.startswith("subspace.mask_logits."):
+                mask.append(param)
+            else:
+                rest.append(param)
+        groups = [
+            {"name": "editor", "params": rest, "lr": editor_lr, "weight_decay": weight_decay},
+            {"name": "rotation", "params": rotation, "lr": rotation_lr, "weight_decay": 0.0},
+            {"name": "mask", "params": mask, "lr": mask_lr, "weight_decay": weight_decay},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def set_progress(self, fraction: float) -> None:
+        """Anneal what depends on training progress (MaskSelect's temperature), fraction in [0, 1]."""
+        if isinstance(self.subspace, MaskSelect):
+            start, end = self.config.mask_temperature_start, self.config.mask_temperature_end
+            self.subspace.set_temperature(start + (end - start) * min(max(fraction, 0.0), 1.0))
+
+    def _use_triton(self, device: torch.device) -> bool:
+        flag = self.config.use_fused_kernels
+        if flag and device.type != "cuda":
+            raise ValueError("use_fused_kernels=True needs CUDA tensors; use None (auto) or False on CPU")
+        return device.type == "cuda" if flag is None else bool(flag)
+
+    # --- the step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def target_states(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One no-grad target pass over base and source together -> (B, Tb, N, D), (B, Ts, N, D)."""
+        tb, ts = batch["base_input_ids"].shape[1], batch["source_input_ids"].shape[1]
+        width = max(tb, ts)
+        ids = torch.cat([left_pad_to(batch["base_input_ids"], width), left_pad_to(batch["source_input_ids"], width)])
+        mask = torch.cat(
+            [left_pad_to(batch["base_attention_mask"], width), left_pad_to(batch["source_attention_mask"], width)]
+        )
+        states = self.target.hidden_states(ids, mask)  # (2B, T, N, D)
+        b = batch["base_input_ids"].shape[0]
+        return states[:b, width - tb :], states[b:, width - ts :]
+
+    def instruction_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.editor.embed_tokens is not None:
+            return self.editor.embed_tokens(ids)
+        with torch.no_grad():
+            return self.target.embed_tokens(ids)
+
+    def forward(
+        self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None
+    ) -> HyperDASOutput:
+        """One HyperDAS forward on a collated batch (see hyperdas.data.collate for its keys)."""
+        k = self.config.intervention_layer
+        base_states, source_states = self.target_states(batch)
+        base_mask = batch["base_intervention_mask"].bool()
+        source_mask = batch["source_intervention_mask"].bool()
+        source_keys = RunKeys.from_states(source_states, batch["source_attention_mask"], source_mask)
+        base_keys = RunKeys.from_states(base_states, batch["base_attention_mask"], base_mask)
+        encoding = self.editor(
+            self.instruction_embeddings(batch["instruction_input_ids"]),
+            batch["instruction_attention_mask"],
+            source_keys,
+            base_keys,
+        )  # (B, D)
+        use_triton = self._use_triton(encoding.device)
+        h, s = base_states[:, :, k], source_states[:, :, k]  # (B, Tb, D), (B, Ts, D)
+        soft = self.selection_head(
+            encoding,
+            h,
+            s,
+            position_ids_from_mask(batch["base_attention_mask"]),
+            self.editor.inv_freq.float(),
+            base_mask,
+            source_mask,
+            use_triton=use_triton,
+        )
+        selection = apply_selection_mode(
+            soft, mode, base_mask, source_mask, batch.get("base_entity_last"), batch.get("source_entity_last")
+        )
+        rotation = self.subspace.rotation() if self.subspace.rotation is not None else None  # once per step
+        basis = self.subspace(encoding, rotation)
+        patched = interchange(h, s, selection, basis, position_mask=base_mask, use_triton=use_triton)
+        logits = self.target.run_from_layer(
+            patched,
+            k,
+            batch["base_attention_mask"],
+            batch["label_positions"],
+            checkpoint_layers=self.config.checkpoint_target_layers,
+        )  # (B, P, V)
+        penalty = sparsity_penalty(selection)
+        weights = loss_weights or LossWeights()
+        ce = loss = None
+        if "label_ids" in batch:
+            ce = weighted_label_loss(logits, batch["label_ids"], batch["is_causal"], weights)
+            loss = ce + weights.sparsity * penalty
+        return HyperDASOutput(loss, ce, penalty, logits, selection)
+
+    # --- persistence (the trained parts and the config; never the target's weights) ----------------
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().contiguous() for n, t in self.state_dict().items() if not n.startswith("target.")}
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the config, the target's identity and the trained weights (safetensors) to ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder)
+        save_file(
+            self.trained_state_dict(),
+            str(folder / WEIGHTS_FILE),
+            metadata={
+                "target": self.target.name,
+                "hidden_size": str(self.target.hidden_size),
+                "num_layers": str(self.target.num_layers),
+            },
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, target: FrozenTarget | None = None, **overrides) -> HyperDAS:
+        """Load a saved HyperDAS. ``target`` defaults to the one named in the checkpoint's config.
+
+        Raises:
+            ValueError: the checkpoint was trained on a target of another shape, or its weights do not fit
+                this config.
+        """
+        folder = Path(folder)
+        config = HyperDASConfig.load(folder)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        weights_path = folder / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path} not found: {folder} is not a HyperDAS checkpoint folder")
+        from safetensors import safe_open
+
+        with safe_open(str(weights_path), "pt") as handle:
+            meta = handle.metadata() or {}
+        if target is not None:
+            saved = (int(meta.get("hidden_size", -1)), int(meta.get("num_layers", -1)))
+            if saved != (target.hidden_size, target.num_layers):
+                raise ValueError(
+                    f"checkpoint {folder} was trained on target {meta.get('target')!r} (hidden size {saved[0]}, "
+                    f"{saved[1]} layers); the given target {target.name!r} has hidden size {target.hidden_size} "
+                    f"and {target.num_layers} layers"
+                )
+        model = cls(config, target)
+        state = load_file(str(weights_path))
+        expected = model.trained_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong_shape = sorted(n for n in set(state) & set(expected) if state[n].shape != expected[n].shape)
+        if missing or unexpected or wrong_shape:
+            raise ValueError(
+                f"checkpoint {folder} does not match its config: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, wrong shape {wrong_shape[:5]}"
+            )
+        model.load_state_dict(state, strict=False)
+        return model

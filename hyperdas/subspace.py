@@ -1,0 +1,132 @@
+"""Subspace modules: map the editor's encoding e (B, D) to the basis W that the interchange patches.
+
+The interchange (METHOD.md section 5) is h' = h + W Wᵀ (s̃ − h), so every module here returns either a basis
+W (B, D, r) / (D, r), or None for "patch the whole vector". MaskSelect's R diag(m) Rᵀ is written as W Wᵀ with
+W = R diag(√m), so one fused interchange serves all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it already is (bf16/fp16 math here would lose orthonormality)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class OrthonormalBasis(nn.Module):
+    """A learned (D, r) matrix with orthonormal columns, R = qr(P).Q with the signs fixed.
+
+    The parametrisation is explicit and cheap (O(D r²)); the model evaluates it ONCE per forward. P starts
+    orthonormal (orthogonal init), so R starts equal to P: never the all-zero, stuck-at-identity basis of
+    the reference (which created it with torch.empty).
+    """
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, rank))
+        nn.init.orthogonal_(self.weight)
+
+    def forward(self) -> torch.Tensor:
+        """R: (D, r), RᵀR = I."""
+        q, r = torch.linalg.qr(at_least_fp32(self.weight))
+        signs = torch.sign(torch.diagonal(r))
+        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+        return (q * signs).to(self.weight.dtype)
+
+
+class SwiGLU(nn.Module):
+    """RMSNorm then a SwiGLU MLP, D -> hidden -> out."""
+
+    def __init__(self, hidden_size: int, inner: int, out: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.gate = nn.Linear(hidden_size, inner, bias=False)
+        self.up = nn.Linear(hidden_size, inner, bias=False)
+        self.down = nn.Linear(inner, out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class ReflectSelect(nn.Module):
+    """W = (I − 2vvᵀ) R = R − 2 v (vᵀR), v = u/‖u‖, u = SwiGLU(RMSNorm(e)).
+
+    A Householder reflection of a shared orthonormal basis R, chosen per example. Computed in the right-hand
+    form, O(B·D·r); no (B, D, D) Householder matrix is ever made. W keeps orthonormal columns because a
+    reflection is orthogonal.
+    """
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.rotation = OrthonormalBasis(hidden_size, rank)
+        self.reflector = SwiGLU(hidden_size, hidden_size, hidden_size)
+
+    def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """encoding: (B, D); basis: R (D, r) from ``self.rotation()`` -> W: (B, D, r)."""
+        u = at_least_fp32(self.reflector(encoding))
+        basis = at_least_fp32(basis)
+        v = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, D)
+        vtr = v @ basis  # (B, r)
+        w = basis[None] - 2.0 * v[:, :, None] * vtr[:, None, :]  # (B, D, r)
+        return w.to(encoding.dtype)
+
+
+class MaskSelect(nn.Module):
+    """h' = h + ((s̃ − h) R ⊙ σ(MLP(e)/τ)) Rᵀ, i.e. W = R diag(√m), m = σ(MLP(e)/τ) ∈ (0, 1)^r.
+
+    τ is annealed linearly from 50 to 0.1 over training (``set_temperature``), so the soft mask hardens.
+    """
+
+    def __init__(self, hidden_size: int, rank: int, temperature: float = 50.0):
+        super().__init__()
+        self.rotation = OrthonormalBasis(hidden_size, rank)
+        self.mask_logits = SwiGLU(hidden_size, hidden_size, rank)
+        self.temperature = temperature
+
+    def set_temperature(self, temperature: float) -> None:
+        if temperature <= 0:
+            raise ValueError(f"MaskSelect temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """encoding: (B, D); basis: R (D, r) -> W: (B, D, r)."""
+        mask = torch.sigmoid(at_least_fp32(self.mask_logits(encoding)) / self.temperature)  # (B, r)
+        return (at_least_fp32(basis)[None] * mask.sqrt()[:, None, :]).to(encoding.dtype)
+
+
+class StaticDAS(nn.Module):
+    """Distributed alignment search: one learned basis for every example, W = R (D, r)."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.rotation = OrthonormalBasis(hidden_size, rank)
+
+    def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        return basis.to(encoding.dtype)
+
+
+class FullSubspace(nn.Module):
+    """Patch the whole vector (W = I): returns None, which the interchange reads as h' = s̃."""
+
+    rotation = None
+
+    def forward(self, encoding: torch.Tensor, basis: None) -> None:
+        return None
+
+
+def build_subspace(name: str, hidden_size: int, rank: int, temperature: float = 50.0) -> nn.Module:
+    """The subspace module called ``name`` (one of config.SUBSPACE_MODULES)."""
+    if name == "ReflectSelect":
+        return ReflectSelect(hidden_size, rank)
+    if name == "MaskSelect":
+        return MaskSelect(hidden_size, rank, temperature)
+    if name == "DAS":
+        return StaticDAS(hidden_size, rank)
+    if name == "full":
+        return FullSubspace()
+    raise ValueError(f"unknown subspace module {name!r}; allowed: ReflectSelect, MaskSelect, DAS, full")

@@ -1,0 +1,46 @@
+"""Collated batches with random tokens and odd, uneven lengths, shaped as hyperdas.data.collate makes them."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_batch(vocab_size: int, batch: int = 3, tb: int = 9, ts: int = 7, te: int = 5, labels: int = 2, seed: int = 0):
+    """A left-padded batch: base = prompt + labels, source = prompt, instruction; row b is b tokens shorter."""
+    g = torch.Generator().manual_seed(seed)
+
+    def left_padded(width: int, lengths: list[int]):
+        ids = torch.randint(3, vocab_size, (batch, width), generator=g)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        for b, n in enumerate(lengths):
+            ids[b, : width - n] = 2
+            mask[b, width - n :] = 1
+        return ids, mask
+
+    base_len = [tb - b for b in range(batch)]
+    source_len = [ts - (b % 2) for b in range(batch)]
+    base_ids, base_att = left_padded(tb, base_len)
+    source_ids, source_att = left_padded(ts, source_len)
+    instr_ids, instr_att = left_padded(te, [te - (b % 2) for b in range(batch)])
+    base_sel = base_att.bool().clone()
+    base_sel[:, tb - labels - 1 :] = False  # the label tokens and one suffix token are not selectable
+    source_sel = source_att.bool().clone()
+    source_sel[:, -1] = False  # a one-token source suffix
+    label_positions = torch.arange(tb - labels - 1, tb - 1).expand(batch, -1).clone()
+    label_ids = base_ids[:, tb - labels :].clone()
+    label_ids[0, -1] = -100  # an example with a shorter label
+    return {
+        "base_input_ids": base_ids,
+        "base_attention_mask": base_att,
+        "base_intervention_mask": base_sel,
+        "source_input_ids": source_ids,
+        "source_attention_mask": source_att,
+        "source_intervention_mask": source_sel,
+        "instruction_input_ids": instr_ids,
+        "instruction_attention_mask": instr_att,
+        "label_positions": label_positions,
+        "label_ids": label_ids,
+        "base_entity_last": torch.tensor([tb - labels - 2] * batch),
+        "source_entity_last": torch.tensor([ts - 2] * batch),
+        "is_causal": torch.tensor([b % 2 == 0 for b in range(batch)]),
+    }

@@ -1,0 +1,170 @@
+"""HyperDAS's two-pass step against the literal four-pass METHOD.md, and the model's invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from synthetic_batches import make_batch
+
+from hyperdas.compat import LlamaInterpreter, LlamaInterpreterConfig
+from hyperdas.config import HyperDASConfig
+from hyperdas.kernels.interchange import interchange
+from hyperdas.literal import literal_four_pass_forward
+from hyperdas.model import HyperDAS, LossWeights
+from hyperdas.targets import build_random_target
+
+VOCAB = 101
+
+
+@pytest.fixture(scope="module")
+def target64():
+    return build_random_target(tiny_llama_config(VOCAB), dtype=torch.float64, seed=1)
+
+
+def _model(target, **overrides) -> HyperDAS:
+    values = {"target": "tiny", "intervention_layer": 2, "das_dimension": 5, "chop_editor_at_layer": 2}
+    values.update(overrides)
+    torch.manual_seed(0)
+    return HyperDAS(HyperDASConfig(**values), target).double()
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.trainable_named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("subspace", ["ReflectSelect", "MaskSelect", "DAS", "full"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_two_pass_step_equals_literal_four_pass(target64, subspace, layer):
+    model = _model(target64, subspace_module=subspace, intervention_layer=layer)
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
+    weights = LossWeights(causal=3.5, isolate=0.5, sparsity=0.7)
+    out = model(batch, loss_weights=weights)
+    out.loss.backward()
+    fast = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss, logits = literal_four_pass_forward(model, batch, loss_weights=weights)
+    loss.backward()
+    slow = _grads(model)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
+    assert fast.keys() == slow.keys() == {n for n, _ in model.trainable_named_parameters()}
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+def test_gradients_reach_every_trained_part(target64):
+    model = _model(target64)
+    model(make_batch(VOCAB), loss_weights=LossWeights(sparsity=1.0)).loss.backward()
+    stuck = [n for n, p in model.trainable_named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+    assert not stuck, f"parameters with no gradient: {stuck}"
+    parts = ("editor.layers.0.", "editor.layers.1.", "selection_head.", "subspace.rotation.", "subspace.reflector.")
+    for prefix in parts:
+        assert any(n.startswith(prefix) for n, _ in model.trainable_named_parameters()), prefix
+    assert all(p.grad is None for p in model.target.parameters())
+
+
+def test_editor_blocks_own_their_weights(target64):
+    model = _model(target64)
+    storages = {}
+    for name, param in model.editor.named_parameters():
+        assert param.untyped_storage().data_ptr() not in storages, (name, storages.get(param.data_ptr()))
+        storages[param.untyped_storage().data_ptr()] = name
+    target_ptrs = {p.untyped_storage().data_ptr() for p in model.target.parameters()}
+    assert not target_ptrs & set(storages)
+
+
+def test_reflect_select_basis_is_orthonormal(target64):
+    model = _model(target64, das_dimension=7)
+    encoding = torch.randn(4, target64.hidden_size, dtype=torch.float64)
+    basis = model.subspace(encoding, model.subspace.rotation())
+    assert basis.shape == (4, target64.hidden_size, 7)
+    eye = torch.eye(7, dtype=torch.float64).expand(4, -1, -1)
+    torch.testing.assert_close(basis.transpose(1, 2) @ basis, eye, rtol=0, atol=1e-12)
+    assert model.subspace.rotation().abs().sum() > 0  # never the all-zero basis of torch.empty
+
+
+def test_full_patch_at_every_position_reproduces_the_source_run(smollm2):
+    """Causal oracle: base and source share a template, entities differ; A maps base j to source j."""
+    tok = smollm2.tokenizer
+    base = tok("Vienna is a city in the country of", return_tensors="pt")
+    source = tok("Tokyo is a city in the country of", return_tensors="pt")
+    assert base.input_ids.shape == source.input_ids.shape
+    t = base.input_ids.shape[1]
+    ids = torch.cat([base.input_ids, source.input_ids])
+    mask = torch.ones_like(ids)
+    states = smollm2.hidden_states(ids, mask)
+    k = 9
+    h, s = states[:1, :, k], states[1:, :, k]
+    selection = torch.zeros(1, t + 1, t)
+    selection[0, torch.arange(t), torch.arange(t)] = 1.0
+    patched = interchange(h, s, selection, None)
+    last = torch.tensor([[t - 1]])
+    got = smollm2.run_from_layer(patched, k, mask[:1], last)
+    want = smollm2.logits_at(source.input_ids, mask[1:], last)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    unpatched = smollm2.logits_at(base.input_ids, mask[:1], last)
+    assert (unpatched - want).abs().max() > 1.0  # the entities really do change the prediction
+
+
+def test_save_and_load_round_trip(target64, tmp_path):
+    model = _model(target64, subspace_module="MaskSelect")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    model.save_pretrained(tmp_path)
+    loaded = HyperDAS.from_pretrained(tmp_path, target=target64).double()
+    batch = make_batch(VOCAB)
+    torch.testing.assert_close(model(batch).logits, loaded(batch).logits, rtol=0, atol=0)
+    assert not list(tmp_path.glob("*target*"))
+
+
+def test_loading_into_another_target_is_a_clear_error(target64, tmp_path):
+    _model(target64).save_pretrained(tmp_path)
+    other = build_random_target(tiny_llama_config(VOCAB, hidden_size=48, head_dim=8, num_attention_heads=6))
+    with pytest.raises(ValueError, match="was trained on target .*hidden size 40"):
+        HyperDAS.from_pretrained(tmp_path, target=other)
+
+
+def test_loading_into_a_mismatched_config_is_a_clear_error(target64, tmp_path):
+    _model(target64, das_dimension=5).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not match its config"):
+        HyperDAS.from_pretrained(tmp_path, target=target64, das_dimension=6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"intervention_layer": 3}, r"intervention_layer 3 is out of range .* allowed 0\.\.2"),
+        ({"das_dimension": 41}, r"das_dimension 41 exceeds the target's hidden size 40"),
+        ({"subspace_module": "BoundlessDAS"}, r"unknown subspace_module 'BoundlessDAS'"),
+        ({"chop_editor_at_layer": 4}, r"chop_editor_at_layer 4 exceeds"),
+    ],
+)
+def test_bad_config_is_a_clear_error(target64, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _model(target64, **overrides)
+
+
+def test_unknown_mode_is_a_clear_error(target64):
+    with pytest.raises(ValueError, match=r"unknown selection mode 'argmax'"):
+        _model(target64)(make_batch(VOCAB), mode="argmax")
+
+
+def test_the_papers_names_work(target64):
+    config = LlamaInterpreterConfig.from_pretrained("tiny")
+    config.name_or_path = "tiny"
+    config.torch_dtype = torch.float64
+    config.num_editing_heads = 5
+    config.chop_editor_at_layer = 1
+    config.intervention_layer = 1
+    config._attn_implementation = "eager"
+    config.initialize_from_scratch = True
+    interpreter = LlamaInterpreter(config, subspace_module="ReflectSelect", das_dimension=2, target=target64)
+    assert interpreter.config.das_dimension == 2 and interpreter.selection_head.num_heads == 5
+    assert len(interpreter.editor.layers) == 1
+    copied = interpreter.editor.layers[0].mlp.up_proj.weight
+    assert not torch.equal(copied.to(torch.float64), target64.layers[0].mlp.up_proj.weight)  # fresh, not copied
+    out = interpreter.double()(make_batch(VOCAB))
+    assert torch.isfinite(out.loss)

@@ -1,0 +1,92 @@
+"""Inference modes of the selection on hand-made A (B=1, Ts=3 source tokens + SELF, Tb=4 base positions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperdas.selection import apply_selection_mode
+
+# rows: source 0, 1, 2, SELF; columns: base 0..3. Every column sums to 1.
+A = torch.tensor(
+    [
+        [
+            [0.10, 0.50, 0.05, 0.30],
+            [0.60, 0.20, 0.05, 0.25],
+            [0.10, 0.10, 0.10, 0.05],
+            [0.20, 0.20, 0.80, 0.40],
+        ]
+    ]
+)
+ALL_BASE = torch.tensor([[True, True, True, True]])
+ALL_SOURCE = torch.tensor([[True, True, True]])
+
+
+def one_hot_columns(rows: list[int]) -> torch.Tensor:
+    out = torch.zeros(1, 4, len(rows))
+    out[0, rows, torch.arange(len(rows))] = 1.0
+    return out
+
+
+def test_soft_is_unchanged():
+    assert torch.equal(apply_selection_mode(A, "soft", ALL_BASE, ALL_SOURCE), A)
+
+
+def test_column_argmax():
+    got = apply_selection_mode(A, "column_argmax", ALL_BASE, ALL_SOURCE)
+    assert torch.equal(got, one_hot_columns([1, 0, 3, 3]))
+
+
+def test_column_argmax_keeps_unselectable_columns_self():
+    base = torch.tensor([[True, False, True, True]])
+    got = apply_selection_mode(A, "column_argmax", base, ALL_SOURCE)
+    assert torch.equal(got, one_hot_columns([1, 3, 3, 3]))
+
+
+def test_bidding_argmax():
+    # source 0 bids 0.50 for base 1; source 1 bids 0.60 for base 0; source 2 bids 0.10 for base 0 (tie: first).
+    # SELF floored at 0.1: column 0: max(src1 0.60, self 0.20) -> 1; column 1: src0 0.50 vs self 0.20 -> 0;
+    # column 2: no bid, self 0.80; column 3: no bid, self 0.40.
+    got = apply_selection_mode(A, "bidding_argmax", ALL_BASE, ALL_SOURCE)
+    assert torch.equal(got, one_hot_columns([1, 0, 3, 3]))
+
+
+def test_bidding_argmax_self_floor_wins_against_weak_bids():
+    weak = torch.tensor([[[0.05, 0.0], [0.0, 0.06], [0.95, 0.94]]])  # Ts=2; SELF row high
+    weak[0, 2] = torch.tensor([0.0, 0.0])  # SELF weight 0 is floored to 0.1, which beats both bids
+    got = apply_selection_mode(weak, "bidding_argmax", torch.tensor([[True, True]]), torch.tensor([[True, True]]))
+    want = torch.zeros(1, 3, 2)
+    want[0, 2] = 1.0
+    assert torch.equal(got, want)
+
+
+def test_global_argmax_patches_only_the_best_pair():
+    got = apply_selection_mode(A, "global_argmax", ALL_BASE, ALL_SOURCE)
+    assert torch.equal(got, one_hot_columns([1, 3, 3, 3]))  # (source 1, base 0) = 0.60 is the best pair
+
+
+def test_global_argmax_ignores_unselectable_sources():
+    source = torch.tensor([[True, False, True]])
+    got = apply_selection_mode(A, "global_argmax", ALL_BASE, source)
+    assert torch.equal(got, one_hot_columns([3, 0, 3, 3]))  # best remaining: (source 0, base 1) = 0.50
+
+
+def test_groundtruth_maps_last_entity_token_to_last_entity_token():
+    got = apply_selection_mode(
+        A, "groundtruth", ALL_BASE, ALL_SOURCE, torch.tensor([2]), torch.tensor([0])
+    )
+    assert torch.equal(got, one_hot_columns([3, 3, 0, 3]))
+
+
+def test_groundtruth_needs_entity_positions():
+    with pytest.raises(ValueError, match="groundtruth"):
+        apply_selection_mode(A, "groundtruth", ALL_BASE, ALL_SOURCE)
+
+
+@pytest.mark.parametrize("mode", ["column_argmax", "bidding_argmax", "global_argmax"])
+def test_hard_modes_give_one_hot_columns(mode):
+    g = torch.Generator().manual_seed(3)
+    soft = torch.rand(2, 6, 7, generator=g).softmax(dim=1)
+    got = apply_selection_mode(soft, mode, torch.ones(2, 7, dtype=torch.bool), torch.ones(2, 5, dtype=torch.bool))
+    assert torch.equal(got.sum(dim=1), torch.ones(2, 7))
+    assert set(got.unique().tolist()) <= {0.0, 1.0}
