@@ -113,7 +113,7 @@ def _apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
     return x * emb.cos().to(x.dtype) + _rotate_half(x) * emb.sin().to(x.dtype)
 
 
-def _normalise_and_rotate(
+def normalise_and_rotate(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -185,7 +185,8 @@ def cross_attention_reference(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _flash_available(q: torch.Tensor) -> bool:
+def flash_attn_available(q: torch.Tensor) -> bool:
+    """Whether flash-attn's varlen kernel can take q: flash-attn importable, q on CUDA in fp16 or bf16."""
     return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
@@ -240,8 +241,8 @@ def cross_attention_sdpa(
     """
     _check_inputs(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q_r, k_r, v_s = _normalise_and_rotate(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq)
-    if use_flash_attn and _flash_available(q):
+    q_r, k_r, v_s = normalise_and_rotate(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq)
+    if use_flash_attn and flash_attn_available(q):
         return _flash_attn_packed(q_r, k_r, v_s, key_mask, scale)
     row_has_key = key_mask.any(dim=-1)  # (B,)
     visible = (key_mask | ~row_has_key[:, None])[:, None, None, :]  # (B, 1, 1, S)
@@ -657,7 +658,7 @@ def normalized_cross_attention(
             q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale, use_flash_attn=False
         )
     if backend == "flash":
-        if not _flash_available(q):
+        if not flash_attn_available(q):
             raise ValueError("backend 'flash' needs flash-attn installed and CUDA fp16/bf16 tensors")
         return cross_attention_sdpa(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale)
     if backend == "reference":
