@@ -516,6 +516,7 @@ class SelectionHeadFunction(torch.autograd.Function):
         return scores
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_scores: torch.Tensor):
         kb, ks, kself, q, cos, sin, scores = ctx.saved_tensors
         B, Tb, H, hd = kb.shape
