@@ -570,10 +570,13 @@ def selection_head(
         base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask, source_mask: as in
             `selection_head_naive`.
         use_triton: True forces the fused Triton op (CUDA, or CPU under TRITON_INTERPRET=1), False forces
-            `selection_head_torch`; None picks Triton exactly when the keys are on CUDA.
+            `selection_head_torch`; None picks Triton when the keys are on CUDA in a dtype it takes
+            (float32, bfloat16, float16), else `selection_head_torch`.
     """
     if use_triton is None:
-        use_triton = base_keys.is_cuda
+        use_triton = base_keys.is_cuda and all(
+            t.dtype in _TRITON_DTYPES for t in (base_keys, source_keys, self_keys, query)
+        )
     args = (base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask, source_mask)
     if use_triton:
         return SelectionHeadFunction.apply(*args)

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+
 from hyperdas.kernels import selection_head as sh
 from hyperdas.kernels.selection_head import (
     SelectionHead,
@@ -306,7 +307,7 @@ LLAMA3_8B = (16, 64, 64, 32, 128)
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_llama3_8b_matches_torch(dtype):
+def test_cuda_llama3_8b_matches_torch(dtype, poisoned):
     """Fused op against the float64 PyTorch form (itself checked against the oracle above)."""
     args = make_inputs(*LLAMA3_8B, dtype=dtype, seed=12, device="cuda")
     weight = torch.randn(16, 65, 64, dtype=torch.float64, device="cuda")
