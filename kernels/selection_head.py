@@ -43,9 +43,10 @@ __all__ = [
 ]
 
 # Largest tile sizes of the Triton kernels (rows i, columns j, RoPE pairs f). Every tile is at least 16 wide,
-# the smallest shape tl.dot accepts; tests lower these to force several tiles along every axis.
+# the smallest shape tl.dot accepts; tests lower these to force several tiles along every axis. The forward
+# runs one program per (batch row, column tile), so narrow column tiles keep more SMs busy (B·Tb/16 programs).
 BLOCK_I_MAX = 64
-BLOCK_J_MAX = 32
+BLOCK_J_MAX = 16
 BLOCK_F_MAX = 32
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
