@@ -27,6 +27,8 @@ tiles and W) are rounded to the input dtype so that tensor cores do the matmuls.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -554,7 +556,13 @@ def _blocks(Tb: int, Ts: int, r: int) -> dict:
 
 
 def _dot_config(dtype: torch.dtype) -> dict:
-    """fp32 inputs: exact fp32 dots; bf16/fp16: tensor-core dots in the input dtype, fp32 accumulators."""
+    """fp32 inputs: exact fp32 dots; bf16/fp16: tensor-core dots in the input dtype, fp32 accumulators.
+
+    Triton's CPU interpreter (TRITON_INTERPRET=1) multiplies bf16 blocks as raw 16-bit integers (numpy has
+    no bf16), so there bf16 dots run in fp32; fp16 dots are exercised in the input dtype everywhere.
+    """
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        dtype = torch.float32
     dot = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
     return dict(DOT=dot, PREC="ieee" if dtype == torch.float32 else "tf32")
 
