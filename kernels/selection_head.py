@@ -71,6 +71,8 @@ def _check_inputs(
     if base_keys.dim() != 4:
         raise ValueError(f"base_keys must be (B, Tb, H, hd), got shape {tuple(base_keys.shape)}")
     B, Tb, H, hd = base_keys.shape
+    if hd % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got hd={hd}")
     if source_keys.dim() != 4 or source_keys.shape[0] != B or source_keys.shape[2:] != (H, hd):
         raise ValueError(
             f"source_keys must be (B, Ts, H, hd) = ({B}, Ts, {H}, {hd}), got shape {tuple(source_keys.shape)}"
@@ -88,8 +90,6 @@ def _check_inputs(
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} (B={B}, Ts={Ts}, Tb={Tb}, H={H}, hd={hd}), "
                              f"got {tuple(tensor.shape)}")
-    if hd % 2:
-        raise ValueError(f"head_dim must be even for RoPE, got hd={hd}")
     if Ts < 1 or Tb < 1:
         raise ValueError(f"need at least one source and one base token, got Ts={Ts}, Tb={Tb}")
     for name, tensor in (("base_keys", base_keys), ("source_keys", source_keys), ("self_keys", self_keys),
