@@ -267,6 +267,78 @@ def _mm(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _rope(x1, x2, cos, sin):
+    """R_p (x1, x2) = (x1 cos θ − x2 sin θ, x2 cos θ + x1 sin θ): Llama's rotate_half RoPE on the two halves."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _rope_transposed(g1, g2, cos, sin):
+    """R_pᵀ (g1, g2) = (g1 cos θ + g2 sin θ, g2 cos θ − g1 sin θ): pulls a gradient back through RoPE."""
+    return g1 * cos + g2 * sin, g2 * cos - g1 * sin
+
+
+@triton.jit
+def _load_query_rows(
+    Q, DO, QPOS, freq, b, kvh, offs_m, offs_h, h_ok,
+    stride_qb, stride_qh, stride_qt, stride_qd, stride_ob, stride_oh, stride_ot, stride_od,
+    stride_qpb, stride_qpt, Te, HALF,
+    GROUP: tl.constexpr, LOAD_DO: tl.constexpr,
+):  # fmt: skip
+    """Stacked query rows m (head kvh·GROUP + m // Te, token m % Te): RoPE'd query halves, cos θ, sin θ,
+    the (row, column) validity, and (LOAD_DO) the rows of the output gradient; all (len(offs_m), BLOCK_H)."""
+    row_ok = offs_m < GROUP * Te
+    head = kvh * GROUP + offs_m // Te
+    tok = offs_m % Te
+    pos = tl.load(QPOS + b * stride_qpb + tok * stride_qpt, mask=row_ok, other=0).to(tl.float32)
+    angle = pos[:, None] * freq[None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    ok = row_ok[:, None] & h_ok[None, :]
+    q_ptr = Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_qt + offs_h[None, :] * stride_qd
+    q1 = tl.load(q_ptr, mask=ok, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + HALF * stride_qd, mask=ok, other=0.0).to(tl.float32)
+    qr1, qr2 = _rope(q1, q2, cos, sin)
+    dtype = Q.dtype.element_ty
+    if LOAD_DO:
+        do_ptr = DO + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ot + offs_h[None, :] * stride_od
+        do1 = tl.load(do_ptr, mask=ok, other=0.0)
+        do2 = tl.load(do_ptr + HALF * stride_od, mask=ok, other=0.0)
+    else:
+        do1 = qr1.to(dtype)
+        do2 = qr2.to(dtype)
+    return qr1.to(dtype), qr2.to(dtype), cos, sin, row_ok, ok, do1, do2
+
+
+@triton.jit
+def _load_key_block(
+    K, V, INV, KPOS, MASK, freq, b, kvh, offs_n, offs_h, h_ok,
+    stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ib, stride_is, stride_kpb, stride_kps, stride_mb, stride_ms, S, HALF,
+):  # fmt: skip
+    """A block of keys: RoPE'd key halves R k (input dtype), value halves, cos θ, sin θ (all (BLOCK_N, BLOCK_H)),
+    the mask and r (zeroed on masked or out-of-range keys), and the (key, column) validity."""
+    n_ok = offs_n < S
+    keep = tl.load(MASK + b * stride_mb + offs_n * stride_ms, mask=n_ok, other=0) != 0
+    inv = tl.load(INV + b * stride_ib + offs_n * stride_is, mask=n_ok, other=0.0).to(tl.float32)
+    inv = tl.where(keep, inv, 0.0)
+    pos = tl.load(KPOS + b * stride_kpb + offs_n * stride_kps, mask=n_ok, other=0).to(tl.float32)
+    angle = pos[:, None] * freq[None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    ok = n_ok[:, None] & h_ok[None, :]
+    k_ptr = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_ks + offs_h[None, :] * stride_kd
+    v_ptr = V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vs + offs_h[None, :] * stride_vd
+    k1 = tl.load(k_ptr, mask=ok, other=0.0).to(tl.float32)
+    k2 = tl.load(k_ptr + HALF * stride_kd, mask=ok, other=0.0).to(tl.float32)
+    v1 = tl.load(v_ptr, mask=ok, other=0.0)
+    v2 = tl.load(v_ptr + HALF * stride_vd, mask=ok, other=0.0)
+    kr1, kr2 = _rope(k1, k2, cos, sin)
+    dtype = K.dtype.element_ty
+    return kr1.to(dtype), kr2.to(dtype), v1, v2, cos, sin, keep, inv, ok
+
+
+@triton.jit
 def _cross_attn_fwd_kernel(
     Q, K, V, INV, QPOS, KPOS, FREQ, MASK, OUT, LSE,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -274,79 +346,55 @@ def _cross_attn_fwd_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_ib, stride_is, stride_qpb, stride_qpt, stride_kpb, stride_kps, stride_mb, stride_ms,
-    Hkv, Te, S, HALF, qk_scale,
+    Hkv, Te, S, HALF, qk_scale, BLOCKS_PER_PROGRAM, split_stride_o, split_stride_lse,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Forward: one program per (block of BLOCK_M query rows, batch row b, key/value head).
+    """Forward: one program per (split of the keys, block of BLOCK_M query rows, batch row b, key/value head).
 
     The GROUP = Hq/Hkv query heads that share key/value head j are stacked into M = GROUP·Te rows (row m is
     head j·GROUP + m // Te, instruction token m % Te), so every key tile is read once per group. Heads are
     split in halves x = (x1, x2) of width hd/2, which is the form RoPE acts on:
         R_p x = (x1 cos θ − x2 sin θ, x2 cos θ + x1 sin θ),   θ = p · inv_freq.
-    Over key tiles (online softmax in base 2, c = scale·log2 e):
+    Over the key tiles of this program's split (online softmax in base 2, c = scale·log2 e):
         a_ms = c · r_s · (R q_m) · (R k_s)          (−inf where key s is masked or past S)
         m'   = max(m, max_s a_ms);  l ← l·2^(m−m') + Σ_s 2^(a_ms−m');  acc ← acc·2^(m−m') + (2^(a−m') ⊙ r) v
-    and finally out = acc / l and LSE = m + log2 l (base 2; +inf and out = 0 for a row with l = 0).
+    then o = acc / l and LSE = m + log2 l (base 2). SPLIT: the partial (o, LSE) of this split go to fp32
+    buffers (LSE = −inf where the split saw no key) for `_combine_splits_kernel`; otherwise o goes straight
+    to the output, with o = 0 and LSE = +inf for a row without any visible key.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_split = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = pid_bh // Hkv
     kvh = pid_bh % Hkv
     dtype = Q.dtype.element_ty
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # stacked query rows
-    row_ok = offs_m < GROUP * Te
-    head = kvh * GROUP + offs_m // Te
-    tok = offs_m % Te
-    offs_h = tl.arange(0, BLOCK_H)  # half of the head dimension
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_h = tl.arange(0, BLOCK_H)  # one half of the head dimension
     h_ok = offs_h < HALF
-    offs_n0 = tl.arange(0, BLOCK_N)
-
     freq = tl.load(FREQ + offs_h, mask=h_ok, other=0.0).to(tl.float32)
-    q_pos = tl.load(QPOS + b * stride_qpb + tok * stride_qpt, mask=row_ok, other=0).to(tl.float32)
-    q_angle = q_pos[:, None] * freq[None, :]  # (BLOCK_M, BLOCK_H)
-    q_cos = tl.cos(q_angle)
-    q_sin = tl.sin(q_angle)
-    q_ptr = Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_qt + offs_h[None, :] * stride_qd
-    q_ok = row_ok[:, None] & h_ok[None, :]
-    q1 = tl.load(q_ptr, mask=q_ok, other=0.0).to(tl.float32)
-    q2 = tl.load(q_ptr + HALF * stride_qd, mask=q_ok, other=0.0).to(tl.float32)
-    qr1 = (q1 * q_cos - q2 * q_sin).to(dtype)
-    qr2 = (q2 * q_cos + q1 * q_sin).to(dtype)
+    qr1, qr2, _, _, row_ok, q_ok, _, _ = _load_query_rows(
+        Q, Q, QPOS, freq, b, kvh, offs_m, offs_h, h_ok,
+        stride_qb, stride_qh, stride_qt, stride_qd, stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_qpb, stride_qpt, Te, HALF, GROUP, False,
+    )  # fmt: skip
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-    for start in range(0, S, BLOCK_N):
-        offs_n = start + offs_n0
-        n_ok = offs_n < S
-        keep = tl.load(MASK + b * stride_mb + offs_n * stride_ms, mask=n_ok, other=0) != 0
-        inv = tl.load(INV + b * stride_ib + offs_n * stride_is, mask=n_ok, other=0.0).to(tl.float32)
-        inv = tl.where(keep, inv, 0.0)
-        k_pos = tl.load(KPOS + b * stride_kpb + offs_n * stride_kps, mask=n_ok, other=0).to(tl.float32)
-        # keys loaded transposed, (BLOCK_H, BLOCK_N), and rotated on the fly
-        kt_angle = freq[:, None] * k_pos[None, :]
-        kt_cos = tl.cos(kt_angle)
-        kt_sin = tl.sin(kt_angle)
-        kt_ok = h_ok[:, None] & n_ok[None, :]
-        kt_ptr = k_base + offs_n[None, :] * stride_ks + offs_h[:, None] * stride_kd
-        k1 = tl.load(kt_ptr, mask=kt_ok, other=0.0).to(tl.float32)
-        k2 = tl.load(kt_ptr + HALF * stride_kd, mask=kt_ok, other=0.0).to(tl.float32)
-        kr1 = (k1 * kt_cos - k2 * kt_sin).to(dtype)
-        kr2 = (k2 * kt_cos + k1 * kt_sin).to(dtype)
-        v_ok = n_ok[:, None] & h_ok[None, :]
-        v_ptr = v_base + offs_n[:, None] * stride_vs + offs_h[None, :] * stride_vd
-        v1 = tl.load(v_ptr, mask=v_ok, other=0.0)
-        v2 = tl.load(v_ptr + HALF * stride_vd, mask=v_ok, other=0.0)
-
-        scores = _mm(qr1, kr1, IEEE) + _mm(qr2, kr2, IEEE)  # (BLOCK_M, BLOCK_N)
-        scores = scores * (qk_scale * inv)[None, :]
-        scores = tl.where(keep[None, :], scores, float("-inf"))
+    first = pid_split * BLOCKS_PER_PROGRAM
+    last = tl.minimum(first + BLOCKS_PER_PROGRAM, tl.cdiv(S, BLOCK_N))
+    for block in range(first, last):
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        kr1, kr2, v1, v2, _, _, keep, inv, _ = _load_key_block(
+            K, V, INV, KPOS, MASK, freq, b, kvh, offs_n, offs_h, h_ok,
+            stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+            stride_ib, stride_is, stride_kpb, stride_kps, stride_mb, stride_ms, S, HALF,
+        )  # fmt: skip
+        scores = _mm(qr1, tl.trans(kr1), IEEE) + _mm(qr2, tl.trans(kr2), IEEE)  # (BLOCK_M, BLOCK_N)
+        scores = tl.where(keep[None, :], scores * (qk_scale * inv)[None, :], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
@@ -358,11 +406,69 @@ def _cross_attn_fwd_kernel(
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
-    lse = tl.where(has_key, m_i + tl.log2(l_safe), float("inf"))
-    tl.store(LSE + pid_bh * GROUP * Te + offs_m, lse, mask=row_ok)
-    o_ptr = OUT + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ot + offs_h[None, :] * stride_od
-    tl.store(o_ptr, (acc1 / l_safe[:, None]).to(dtype), mask=q_ok)
-    tl.store(o_ptr + HALF * stride_od, (acc2 / l_safe[:, None]).to(dtype), mask=q_ok)
+    o1 = acc1 / l_safe[:, None]
+    o2 = acc2 / l_safe[:, None]
+    rows = pid_bh * GROUP * Te + offs_m  # index of row m in a contiguous (B, Hq, Te)
+    if SPLIT:
+        lse = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(LSE + pid_split * split_stride_lse + rows, lse, mask=row_ok)
+        o_ptr = OUT + pid_split * split_stride_o + rows[:, None] * (2 * HALF) + offs_h[None, :]
+        tl.store(o_ptr, o1, mask=q_ok)
+        tl.store(o_ptr + HALF, o2, mask=q_ok)
+    else:
+        lse = tl.where(has_key, m_i + tl.log2(l_safe), float("inf"))
+        tl.store(LSE + rows, lse, mask=row_ok)
+        head = kvh * GROUP + offs_m // Te
+        tok = offs_m % Te
+        o_ptr = OUT + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_ot + offs_h[None, :] * stride_od
+        tl.store(o_ptr, o1.to(dtype), mask=q_ok)
+        tl.store(o_ptr + HALF, o2.to(dtype), mask=q_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    O_PART, LSE_PART, OUT, LSE, n_rows, n_splits, HD,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Merge the per-split partial results of one query row (the row index into a contiguous (B, Hq, Te)):
+        LSE = log2 Σ_j 2^LSE_j,   out = Σ_j 2^(LSE_j − LSE) o_j
+    (out = 0 and LSE = +inf for a row that no split saw a visible key for)."""
+    row = tl.program_id(0)
+    offs_j = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    j_ok = offs_j < n_splits
+    lse_j = tl.load(LSE_PART + offs_j * n_rows + row, mask=j_ok, other=float("-inf"))
+    m = tl.max(lse_j, 0)
+    has_key = m > float("-inf")
+    m_safe = tl.where(has_key, m, 0.0)
+    w = tl.exp2(lse_j - m_safe)  # (BLOCK_SPLITS,), 0 for splits without keys
+    total = tl.sum(w, 0)
+    l_safe = tl.where(has_key, total, 1.0)
+    ok = j_ok[:, None] & (offs_d < HD)[None, :]
+    o_j = tl.load(O_PART + (offs_j[:, None] * n_rows + row) * HD + offs_d[None, :], mask=ok, other=0.0)
+    out = tl.sum(o_j * w[:, None], 0) / l_safe
+    tl.store(OUT + row * HD + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HD)
+    tl.store(LSE + row, tl.where(has_key, m_safe + tl.log2(l_safe), float("inf")))
+
+
+@triton.jit
+def _tile_grads(kr1, kr2, v1, v2, inv, col_scale, keep, qr1, qr2, do1, do2, lse, delta, row_ok, IEEE: tl.constexpr):
+    """The gradient contributions of one (key block, query block) tile; see `_cross_attn_bwd_kernel`.
+
+    Returns g_z (BLOCK_N, BLOCK_H) x2, g_y / scale (BLOCK_N, BLOCK_H) x2 and d(R q) / scale (BLOCK_M, BLOCK_H) x2.
+    """
+    dtype = kr1.dtype
+    scores_t = _mm(kr1, tl.trans(qr1), IEEE) + _mm(kr2, tl.trans(qr2), IEEE)  # (BLOCK_N, BLOCK_M)
+    p_t = tl.exp2(scores_t * col_scale[:, None] - lse[None, :])
+    p_t = tl.where(keep[:, None] & row_ok[None, :], p_t, 0.0)
+    g_z1 = _mm(p_t.to(dtype), do1, IEEE)
+    g_z2 = _mm(p_t.to(dtype), do2, IEEE)
+    dp_t = (_mm(v1, tl.trans(do1), IEEE) + _mm(v2, tl.trans(do2), IEEE)) * inv[:, None]
+    ds_t = p_t * (dp_t - delta[None, :])
+    g_y1 = _mm(ds_t.to(dtype), qr1, IEEE)
+    g_y2 = _mm(ds_t.to(dtype), qr2, IEEE)
+    ds_q = tl.trans((ds_t * inv[:, None]).to(dtype))  # (BLOCK_M, BLOCK_N), folds r_s into the keys
+    return g_z1, g_z2, g_y1, g_y2, _mm(ds_q, kr1, IEEE), _mm(ds_q, kr2, IEEE)
 
 
 @triton.jit
@@ -373,109 +479,104 @@ def _cross_attn_bwd_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_ib, stride_is, stride_qpb, stride_qpt, stride_kpb, stride_kps, stride_mb, stride_ms,
-    Hkv, Te, S, HALF, sm_scale, qk_scale,
+    Hkv, Te, S, HALF, sm_scale, qk_scale, BLOCKS_PER_PROGRAM,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    IEEE: tl.constexpr,
+    SINGLE_Q: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Backward: one program per (block of BLOCK_N keys, batch row b, key/value head); loops over all query rows.
+    """Backward: one program per (run of BLOCKS_PER_PROGRAM key blocks, batch row b, key/value head).
 
     With y_s = r_s R k_s, z_s = r_s v_s, P = softmax(a) recomputed as 2^(c·r_s (Rq)·(Rk_s) − LSE) and
     Δ_m = dO_m · O_m (precomputed), FlashAttention-2 style:
         dP_ms = dO_m · z_s = r_s (dO_m · v_s),       dA_ms = P_ms (dP_ms − Δ_m)
         g_z,s = Σ_m P_ms dO_m                        (gradient of z_s)
         g_y,s = scale Σ_m dA_ms (R q_m)              (gradient of y_s)
-        d(R q_m) = scale Σ_s dA_ms y_s,  dq_m = Rᵀ d(R q_m)   (atomically added over key blocks, fp32)
+        d(R q_m) = scale Σ_s dA_ms y_s,  dq_m = Rᵀ d(R q_m)
     and, with g_s = Rᵀ g_y,s the gradient of the scaled unrotated key r_s k_s:
-        dk_s = r_s g_s,   dv_s = r_s g_z,s,   dr_s = g_s · k_s + g_z,s · v_s
-    dr_s is written per key/value head (DINV: (B, Hkv, S)) and summed over heads by the launcher.
+        dk_s = r_s g_s,   dv_s = r_s g_z,s,   dr_s = g_s · k_s + g_z,s · v_s = g_y,s · (R k_s) + g_z,s · v_s
+    dr_s is written per key/value head (DINV: (B, Hkv, S)) and summed over heads by the launcher. dq is added
+    atomically into an fp32 buffer: once per program when all M = GROUP·Te query rows fit one tile
+    (SINGLE_Q, the query tile then stays in registers across the key blocks), else once per tile.
     """
-    pid_n = tl.program_id(0)
+    pid_run = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     kvh = pid_bh % Hkv
     dtype = Q.dtype.element_ty
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < S
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < HALF
     offs_m0 = tl.arange(0, BLOCK_M)
-
     freq = tl.load(FREQ + offs_h, mask=h_ok, other=0.0).to(tl.float32)
-    keep = tl.load(MASK + b * stride_mb + offs_n * stride_ms, mask=n_ok, other=0) != 0
-    inv = tl.load(INV + b * stride_ib + offs_n * stride_is, mask=n_ok, other=0.0).to(tl.float32)
-    inv = tl.where(keep, inv, 0.0)
-    k_pos = tl.load(KPOS + b * stride_kpb + offs_n * stride_kps, mask=n_ok, other=0).to(tl.float32)
-    k_angle = k_pos[:, None] * freq[None, :]  # (BLOCK_N, BLOCK_H)
-    k_cos = tl.cos(k_angle)
-    k_sin = tl.sin(k_angle)
-    kv_ok = n_ok[:, None] & h_ok[None, :]
-    k_ptr = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_ks + offs_h[None, :] * stride_kd
-    v_ptr = V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vs + offs_h[None, :] * stride_vd
-    k1 = tl.load(k_ptr, mask=kv_ok, other=0.0).to(tl.float32)
-    k2 = tl.load(k_ptr + HALF * stride_kd, mask=kv_ok, other=0.0).to(tl.float32)
-    v1 = tl.load(v_ptr, mask=kv_ok, other=0.0)
-    v2 = tl.load(v_ptr + HALF * stride_vd, mask=kv_ok, other=0.0)
-    kr1 = (k1 * k_cos - k2 * k_sin).to(dtype)
-    kr2 = (k2 * k_cos + k1 * k_sin).to(dtype)
+    dq_ptr0 = DQ + (pid_bh * GROUP * Te + offs_m0[:, None]) * (2 * HALF) + offs_h[None, :]  # contiguous fp32
+    if SINGLE_Q:
+        qr1, qr2, q_cos, q_sin, row_ok, q_ok, do1, do2 = _load_query_rows(
+            Q, DO, QPOS, freq, b, kvh, offs_m0, offs_h, h_ok,
+            stride_qb, stride_qh, stride_qt, stride_qd, stride_dob, stride_doh, stride_dot, stride_dod,
+            stride_qpb, stride_qpt, Te, HALF, GROUP, True,
+        )  # fmt: skip
+        lse = tl.load(LSE + pid_bh * GROUP * Te + offs_m0, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * GROUP * Te + offs_m0, mask=row_ok, other=0.0)
+    dq1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
 
-    g_y1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-    g_y2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-    g_z1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-    g_z2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-    col_scale = qk_scale * inv  # (BLOCK_N,)
+    first = pid_run * BLOCKS_PER_PROGRAM
+    last = tl.minimum(first + BLOCKS_PER_PROGRAM, tl.cdiv(S, BLOCK_N))
+    for block in range(first, last):
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        kr1, kr2, v1, v2, k_cos, k_sin, keep, inv, kv_ok = _load_key_block(
+            K, V, INV, KPOS, MASK, freq, b, kvh, offs_n, offs_h, h_ok,
+            stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+            stride_ib, stride_is, stride_kpb, stride_kps, stride_mb, stride_ms, S, HALF,
+        )  # fmt: skip
+        col_scale = qk_scale * inv
+        if SINGLE_Q:
+            g_z1, g_z2, g_y1, g_y2, dqr1, dqr2 = _tile_grads(
+                kr1, kr2, v1, v2, inv, col_scale, keep, qr1, qr2, do1, do2, lse, delta, row_ok, IEEE
+            )
+            dq1 += dqr1
+            dq2 += dqr2
+        else:
+            g_z1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+            g_z2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+            g_y1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+            g_y2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+            for m_start in range(0, GROUP * Te, BLOCK_M):
+                offs_m = m_start + offs_m0
+                qr1_t, qr2_t, cos_t, sin_t, row_ok_t, q_ok_t, do1_t, do2_t = _load_query_rows(
+                    Q, DO, QPOS, freq, b, kvh, offs_m, offs_h, h_ok,
+                    stride_qb, stride_qh, stride_qt, stride_qd, stride_dob, stride_doh, stride_dot, stride_dod,
+                    stride_qpb, stride_qpt, Te, HALF, GROUP, True,
+                )  # fmt: skip
+                lse_t = tl.load(LSE + pid_bh * GROUP * Te + offs_m, mask=row_ok_t, other=float("inf"))
+                delta_t = tl.load(DELTA + pid_bh * GROUP * Te + offs_m, mask=row_ok_t, other=0.0)
+                gz1, gz2, gy1, gy2, dqr1, dqr2 = _tile_grads(
+                    kr1, kr2, v1, v2, inv, col_scale, keep, qr1_t, qr2_t, do1_t, do2_t, lse_t, delta_t, row_ok_t, IEEE
+                )
+                g_z1 += gz1
+                g_z2 += gz2
+                g_y1 += gy1
+                g_y2 += gy2
+                dqa, dqb = _rope_transposed(dqr1 * sm_scale, dqr2 * sm_scale, cos_t, sin_t)
+                tl.atomic_add(dq_ptr0 + m_start * (2 * HALF), dqa, mask=q_ok_t)
+                tl.atomic_add(dq_ptr0 + m_start * (2 * HALF) + HALF, dqb, mask=q_ok_t)
 
-    for m_start in range(0, GROUP * Te, BLOCK_M):
-        offs_m = m_start + offs_m0
-        row_ok = offs_m < GROUP * Te
-        head = kvh * GROUP + offs_m // Te
-        tok = offs_m % Te
-        q_pos = tl.load(QPOS + b * stride_qpb + tok * stride_qpt, mask=row_ok, other=0).to(tl.float32)
-        q_angle = q_pos[:, None] * freq[None, :]  # (BLOCK_M, BLOCK_H)
-        q_cos = tl.cos(q_angle)
-        q_sin = tl.sin(q_angle)
-        q_ok = row_ok[:, None] & h_ok[None, :]
-        q_ptr = Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_qt + offs_h[None, :] * stride_qd
-        do_ptr = (
-            DO + b * stride_dob + head[:, None] * stride_doh + tok[:, None] * stride_dot + offs_h[None, :] * stride_dod
-        )
-        q1 = tl.load(q_ptr, mask=q_ok, other=0.0).to(tl.float32)
-        q2 = tl.load(q_ptr + HALF * stride_qd, mask=q_ok, other=0.0).to(tl.float32)
-        qr1 = (q1 * q_cos - q2 * q_sin).to(dtype)
-        qr2 = (q2 * q_cos + q1 * q_sin).to(dtype)
-        do1 = tl.load(do_ptr, mask=q_ok, other=0.0)
-        do2 = tl.load(do_ptr + HALF * stride_dod, mask=q_ok, other=0.0)
-        lse = tl.load(LSE + pid_bh * GROUP * Te + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh * GROUP * Te + offs_m, mask=row_ok, other=0.0)
+        g_y1 = g_y1 * sm_scale
+        g_y2 = g_y2 * sm_scale
+        d_inv = tl.sum(g_y1 * kr1.to(tl.float32) + g_y2 * kr2.to(tl.float32), 1)
+        d_inv += tl.sum(g_z1 * v1.to(tl.float32) + g_z2 * v2.to(tl.float32), 1)
+        g1, g2 = _rope_transposed(g_y1, g_y2, k_cos, k_sin)  # gradient of the scaled, unrotated key
+        tl.store(DINV + pid_bh * S + offs_n, d_inv, mask=offs_n < S)
+        dk_ptr = DK + (pid_bh * S + offs_n[:, None]) * (2 * HALF) + offs_h[None, :]
+        dv_ptr = DV + (pid_bh * S + offs_n[:, None]) * (2 * HALF) + offs_h[None, :]
+        tl.store(dk_ptr, (g1 * inv[:, None]).to(dtype), mask=kv_ok)
+        tl.store(dk_ptr + HALF, (g2 * inv[:, None]).to(dtype), mask=kv_ok)
+        tl.store(dv_ptr, (g_z1 * inv[:, None]).to(dtype), mask=kv_ok)
+        tl.store(dv_ptr + HALF, (g_z2 * inv[:, None]).to(dtype), mask=kv_ok)
 
-        scores_t = _mm(kr1, tl.trans(qr1), IEEE) + _mm(kr2, tl.trans(qr2), IEEE)  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(scores_t * col_scale[:, None] - lse[None, :])
-        p_t = tl.where(keep[:, None] & row_ok[None, :], p_t, 0.0)
-        g_z1 += _mm(p_t.to(dtype), do1, IEEE)
-        g_z2 += _mm(p_t.to(dtype), do2, IEEE)
-        dp_t = (_mm(v1, tl.trans(do1), IEEE) + _mm(v2, tl.trans(do2), IEEE)) * inv[:, None]
-        ds_t = p_t * (dp_t - delta[None, :])  # (BLOCK_N, BLOCK_M)
-        g_y1 += _mm(ds_t.to(dtype), qr1, IEEE)
-        g_y2 += _mm(ds_t.to(dtype), qr2, IEEE)
-        ds_q = tl.trans((ds_t * inv[:, None]).to(dtype))  # (BLOCK_M, BLOCK_N), folds r_s into the keys
-        dqr1 = _mm(ds_q, kr1, IEEE) * sm_scale
-        dqr2 = _mm(ds_q, kr2, IEEE) * sm_scale
-        dq_ptr = DQ + ((b * Hkv * GROUP + head[:, None]) * Te + tok[:, None]) * (2 * HALF) + offs_h[None, :]
-        tl.atomic_add(dq_ptr, dqr1 * q_cos + dqr2 * q_sin, mask=q_ok)
-        tl.atomic_add(dq_ptr + HALF, dqr2 * q_cos - dqr1 * q_sin, mask=q_ok)
-
-    g_y1 = g_y1 * sm_scale
-    g_y2 = g_y2 * sm_scale
-    g1 = g_y1 * k_cos + g_y2 * k_sin  # Rᵀ g_y: gradient of the scaled, unrotated key
-    g2 = g_y2 * k_cos - g_y1 * k_sin
-    d_inv = tl.sum(g1 * k1 + g2 * k2, 1) + tl.sum(g_z1 * v1.to(tl.float32) + g_z2 * v2.to(tl.float32), 1)
-    tl.store(DINV + pid_bh * S + offs_n, d_inv, mask=n_ok)
-    dk_ptr = DK + (pid_bh * S + offs_n[:, None]) * (2 * HALF) + offs_h[None, :]
-    dv_ptr = DV + (pid_bh * S + offs_n[:, None]) * (2 * HALF) + offs_h[None, :]
-    tl.store(dk_ptr, (g1 * inv[:, None]).to(dtype), mask=kv_ok)
-    tl.store(dk_ptr + HALF, (g2 * inv[:, None]).to(dtype), mask=kv_ok)
-    tl.store(dv_ptr, (g_z1 * inv[:, None]).to(dtype), mask=kv_ok)
-    tl.store(dv_ptr + HALF, (g_z2 * inv[:, None]).to(dtype), mask=kv_ok)
+    if SINGLE_Q:
+        dqa, dqb = _rope_transposed(dq1 * sm_scale, dq2 * sm_scale, q_cos, q_sin)
+        tl.atomic_add(dq_ptr0, dqa, mask=q_ok)
+        tl.atomic_add(dq_ptr0 + HALF, dqb, mask=q_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -487,8 +588,22 @@ def _block_sizes(rows: int, hd: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_H): stacked query rows per tile, keys per tile, padded half head dimension."""
     block_h = max(16, triton.next_power_of_2(hd // 2))
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    block_n = 64 if block_h <= 64 else 32
-    return block_m, block_n, block_h
+    return block_m, 64, block_h
+
+
+def _programs_in_flight(device: torch.device) -> int:
+    """How many programs keep the device busy: 4 per streaming multiprocessor (1 for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _key_blocks_per_program(n_blocks: int, programs: int, device: torch.device, minimum: int) -> int:
+    """Split the n_blocks key blocks of each of `programs` (query block, head) pairs into evenly sized runs,
+    enough of them to fill the device, each at least `minimum` blocks long (or all of them)."""
+    per_program = max(minimum, triton.cdiv(n_blocks * programs, _programs_in_flight(device)))
+    runs = triton.cdiv(n_blocks, min(per_program, n_blocks))
+    return triton.cdiv(n_blocks, runs)
 
 
 def _index_strides(
@@ -508,22 +623,38 @@ def _triton_forward(
     key_mask: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Returns out (B, Hq, Te, hd) and the base-2 LSE (B, Hq, Te) fp32."""
+    """Launch the forward kernel (split over the keys when the grid would not fill the device, then merge).
+
+    Returns out (B, Hq, Te, hd) and the base-2 LSE (B, Hq, Te) fp32.
+    """
     b, hq, te, hd = q.shape
     hkv, s = k.shape[1], k.shape[2]
     group = hq // hkv
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((b, hq, te), device=q.device, dtype=torch.float32)
     block_m, block_n, block_h = _block_sizes(group * te, hd)
-    grid = (triton.cdiv(group * te, block_m), b * hkv)
-    _cross_attn_fwd_kernel[grid](
-        q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, out, lse,
+    m_blocks = triton.cdiv(group * te, block_m)
+    n_blocks = triton.cdiv(s, block_n)
+    per_program = _key_blocks_per_program(n_blocks, m_blocks * b * hkv, q.device, minimum=4)
+    n_splits = triton.cdiv(n_blocks, per_program)
+    out = torch.empty((b, hq, te, hd), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, te), device=q.device, dtype=torch.float32)
+    if n_splits > 1:
+        o_target = torch.empty((n_splits, b, hq, te, hd), device=q.device, dtype=torch.float32)
+        lse_target = torch.empty((n_splits, b, hq, te), device=q.device, dtype=torch.float32)
+    else:
+        o_target, lse_target = out, lse
+    _cross_attn_fwd_kernel[(n_splits, m_blocks, b * hkv)](
+        q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, o_target, lse_target,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_index_strides(key_inv_norm, q_positions, k_positions, key_mask),
-        hkv, te, s, hd // 2, scale * _LOG2E,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        hkv, te, s, hd // 2, scale * _LOG2E, per_program, b * hq * te * hd, b * hq * te,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, SPLIT=n_splits > 1,
+        IEEE=q.dtype == torch.float32, num_warps=4 if block_h <= 32 else 8, num_stages=2,
     )  # fmt: skip
+    if n_splits > 1:
+        _combine_splits_kernel[(b * hq * te,)](
+            o_target, lse_target, out, lse, b * hq * te, n_splits, hd,
+            BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=triton.next_power_of_2(hd), num_warps=2,
+        )  # fmt: skip
     return out, lse
 
 
@@ -551,15 +682,16 @@ def _triton_backward(
     dv = torch.empty((b, hkv, s, hd), device=q.device, dtype=v.dtype)
     d_inv = torch.empty((b, hkv, s), device=q.device, dtype=torch.float32)
     block_m, block_n, block_h = _block_sizes(group * te, hd)
-    grid = (triton.cdiv(s, block_n), b * hkv)
-    _cross_attn_bwd_kernel[grid](
+    n_blocks = triton.cdiv(s, block_n)
+    per_program = _key_blocks_per_program(n_blocks, b * hkv, q.device, minimum=1)
+    _cross_attn_bwd_kernel[(triton.cdiv(n_blocks, per_program), b * hkv)](
         q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, grad_out, lse, delta,
         dq, dk, dv, d_inv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
         *_index_strides(key_inv_norm, q_positions, k_positions, key_mask),
-        hkv, te, s, hd // 2, scale, scale * _LOG2E,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=1,
+        hkv, te, s, hd // 2, scale, scale * _LOG2E, per_program,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, SINGLE_Q=group * te <= block_m,
+        IEEE=q.dtype == torch.float32, num_warps=4 if block_h <= 32 else 8, num_stages=1,
     )  # fmt: skip
     return dq.to(q.dtype), dk, dv, d_inv.sum(dim=1)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
 from hyperdas.kernels.cross_attention import (
     NormalizedCrossAttention,
     cross_attention_reference,
@@ -19,7 +21,6 @@ from hyperdas.kernels.cross_attention import (
     cross_attention_triton,
     normalized_cross_attention,
 )
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 CUDA = torch.cuda.is_available()
 
@@ -218,6 +219,30 @@ def test_sdpa_matches_reference_float64(shape: Shape, poisoned_buffers):
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
 def test_triton_matches_reference(shape: Shape, poisoned_buffers):
     inputs = make_inputs(shape, seed=1 + hash(shape) % 1000)
+    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64)
+    expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
+    out, grads = run_with_grads(cross_attention_triton, inputs, torch.float32, grad_out)
+    assert_matches(out, expected, 2e-5, "out")
+    for name in DIFFERENTIABLE:
+        assert_matches(grads[name], expected_grads[name], 2e-5, f"grad {name}")
+    check_empty_row(out, grads, inputs)
+
+
+@pytest.mark.parametrize("per_program", [1, 2])
+@pytest.mark.parametrize(
+    "shape",
+    [Shape(b=3, hq=6, hkv=2, te=3, t=11, n=17, hd=8), Shape(b=3, hq=6, hkv=1, te=13, t=17, n=11, hd=24)],
+    ids=str,
+)
+def test_triton_key_splits(shape: Shape, per_program: int, monkeypatch, poisoned_buffers):
+    """Keys split over several programs: the forward merges per-split partial results, the backward adds dq
+    from several runs of key blocks; row 0 sees keys in the first block only, so later splits see none."""
+    import hyperdas.kernels.cross_attention as module
+
+    monkeypatch.setattr(module, "_key_blocks_per_program", lambda *args, **kwargs: per_program)
+    inputs = make_inputs(shape, seed=17)
+    inputs["key_mask"][0] = False
+    inputs["key_mask"][0, 5:50:3] = True
     grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64)
     expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
     out, grads = run_with_grads(cross_attention_triton, inputs, torch.float32, grad_out)
