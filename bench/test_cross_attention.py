@@ -137,7 +137,10 @@ def test_cross_attention(benchmark, case: Case, method: str, mode: str) -> None:
                 fn(**inputs)
             _sync()
 
-    step()  # compile / warm up
+    try:
+        step()  # compile / warm up
+    except RuntimeError as error:  # e.g. this torch build's flash backend refuses these shapes or GQA
+        pytest.skip(f"{method} cannot run {case}: {error}")
     peak_bytes = None
     if CUDA:
         torch.cuda.reset_peak_memory_stats()

@@ -509,7 +509,7 @@ def _cross_attn_bwd_kernel(
     freq = tl.load(FREQ + offs_h, mask=h_ok, other=0.0).to(tl.float32)
     dq_ptr0 = DQ + (pid_bh * GROUP * Te + offs_m0[:, None]) * (2 * HALF) + offs_h[None, :]  # contiguous fp32
     if SINGLE_Q:
-        qr1, qr2, q_cos, q_sin, row_ok, q_ok, do1, do2 = _load_query_rows(
+        qr1, qr2, _, _, row_ok, q_ok, do1, do2 = _load_query_rows(
             Q, DO, QPOS, freq, b, kvh, offs_m0, offs_h, h_ok,
             stride_qb, stride_qh, stride_qt, stride_qd, stride_dob, stride_doh, stride_dot, stride_dod,
             stride_qpb, stride_qpt, Te, HALF, GROUP, True,
@@ -557,8 +557,8 @@ def _cross_attn_bwd_kernel(
                 g_y1 += gy1
                 g_y2 += gy2
                 dqa, dqb = _rope_transposed(dqr1 * sm_scale, dqr2 * sm_scale, cos_t, sin_t)
-                tl.atomic_add(dq_ptr0 + m_start * (2 * HALF), dqa, mask=q_ok_t)
-                tl.atomic_add(dq_ptr0 + m_start * (2 * HALF) + HALF, dqb, mask=q_ok_t)
+                tl.atomic_add(dq_ptr0 + m_start * (2 * HALF), dqa, mask=q_ok_t, sem="relaxed")
+                tl.atomic_add(dq_ptr0 + m_start * (2 * HALF) + HALF, dqb, mask=q_ok_t, sem="relaxed")
 
         g_y1 = g_y1 * sm_scale
         g_y2 = g_y2 * sm_scale
@@ -574,9 +574,11 @@ def _cross_attn_bwd_kernel(
         tl.store(dv_ptr + HALF, (g_z2 * inv[:, None]).to(dtype), mask=kv_ok)
 
     if SINGLE_Q:
-        dqa, dqb = _rope_transposed(dq1 * sm_scale, dq2 * sm_scale, q_cos, q_sin)
-        tl.atomic_add(dq_ptr0, dqa, mask=q_ok)
-        tl.atomic_add(dq_ptr0 + HALF, dqb, mask=q_ok)
+        q_pos = tl.load(QPOS + b * stride_qpb + (offs_m0 % Te) * stride_qpt, mask=row_ok, other=0).to(tl.float32)
+        q_angle = q_pos[:, None] * freq[None, :]  # recomputed rather than held in registers over the key loop
+        dqa, dqb = _rope_transposed(dq1 * sm_scale, dq2 * sm_scale, tl.cos(q_angle), tl.sin(q_angle))
+        tl.atomic_add(dq_ptr0, dqa, mask=q_ok, sem="relaxed")
+        tl.atomic_add(dq_ptr0 + HALF, dqb, mask=q_ok, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------------------
