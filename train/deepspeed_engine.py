@@ -1,0 +1,332 @@
+"""DeepSpeed behind the trainer's engine interface: ZeRO-0/2/3 (optionally offloaded), one process per device.
+
+`DeepSpeedEngine` implements `hyperdas.train.engine.TrainingEngine` over ``deepspeed.initialize``, so
+`hyperdas train` and `train/launch.py` drive the same training loop. Under ZeRO-3 the frozen target is
+created already partitioned (transformers' ``HfDeepSpeedConfig`` is alive while ``from_pretrained`` runs, so
+it builds the model inside ``deepspeed.zero.Init``): no process ever holds the whole target. The editor is
+built from a gathered, plain copy of the target's first L layers and partitioned by ``deepspeed.initialize``.
+
+The DeepSpeed JSON owns how the work is split (ZeRO stage, offload, communication); the run config owns what
+is trained (global batch, micro batch, precision, clipping, optimizer, learning rates). `resolve_ds_config`
+fills the JSON's ``"auto"`` values from the run config and refuses any value that contradicts it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hyperdas.config import HyperDASConfig
+from hyperdas.model import HyperDAS, HyperDASOutput, LossWeights
+from hyperdas.targets import FrozenTarget, load_target
+from hyperdas.train.config import RunConfig
+from hyperdas.train.engine import micro_batch_plan, to_device
+
+#: the tag (sub-folder) DeepSpeed writes its sharded checkpoint under, inside the trainer's step folder.
+CHECKPOINT_TAG = "deepspeed"
+#: keys of a DeepSpeed JSON that the run config owns; the JSON may leave them out or set them to "auto".
+_RUN_OWNED_SECTIONS = ("optimizer", "scheduler", "fp16")
+
+
+class DeepSpeedConfigError(ValueError):
+    """The DeepSpeed JSON contradicts the run config or lacks what its ZeRO stage needs."""
+
+
+def read_ds_config(path: str | Path) -> dict:
+    """Read a DeepSpeed JSON config, with a clear message for a missing file or broken JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"DeepSpeed config {path} not found; the shipped ones are train/configs/zero3.json, zero2.json, "
+            "ddp.json and zero3_offload.json"
+        )
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    if not isinstance(values, dict):
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} must be a JSON object, got {type(values).__name__}")
+    return values
+
+
+def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it has no zero_optimization section)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def use_bf16(precision: str, device_type: str) -> bool:
+    """Whether the run config's precision means bf16 weights (with fp32 masters) on this device type."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
+def _fill(ds: dict, key: str, wanted, what: str) -> None:
+    """Set ``ds[key]`` to ``wanted`` when absent or "auto"; refuse a different explicit value."""
+    given = ds.get(key, "auto")
+    if given == "auto":
+        ds[key] = wanted
+    elif given != wanted:
+        raise DeepSpeedConfigError(f"DeepSpeed config sets {key}={given!r} but {what} gives {wanted!r}; "
+                                   f'set it to "auto" (or to {wanted!r}) in the JSON, or change the run config')
+
+
+def resolve_ds_config(ds_config: dict, run: RunConfig, world_size: int, device_type: str) -> dict:
+    """A complete DeepSpeed config for this run: "auto" values filled, contradictions refused.
+
+    Batch: ``train_batch_size`` = global_batch_size = micro x accumulation x processes, whatever the number
+    of processes. A micro batch may come from the run config or, when the run config leaves it out, from the
+    JSON's ``train_micro_batch_size_per_gpu``.
+
+    Args:
+        ds_config: the DeepSpeed JSON as read (not modified).
+        run: the run config.
+        world_size: number of processes.
+        device_type: "cuda" or "cpu" (``precision: auto`` means bf16 on CUDA only).
+
+    Raises:
+        DeepSpeedConfigError: batch sizes that do not divide or contradict the run config; optimizer,
+            scheduler or fp16 sections (the run config owns them); an unknown ZeRO stage; offload asked for a
+            stage that cannot offload it; bf16 that contradicts the run's precision.
+    """
+    ds = copy.deepcopy(ds_config)
+    owned = [key for key in _RUN_OWNED_SECTIONS if key in ds]
+    if owned:
+        raise DeepSpeedConfigError(
+            f"DeepSpeed config has section(s) {owned}: the optimizer, learning rates and schedule come from the "
+            "run config's optim section, and precision from its precision field (bf16 or fp32; fp16 is not "
+            "supported). Remove them from the JSON."
+        )
+    json_micro = ds.get("train_micro_batch_size_per_gpu", "auto")
+    micro_wanted = run.micro_batch_size or (None if json_micro == "auto" else int(json_micro))
+    try:
+        micro, accumulation = micro_batch_plan(run.global_batch_size, world_size, micro_wanted)
+    except ValueError as err:
+        raise DeepSpeedConfigError(str(err)) from err
+    _fill(ds, "train_batch_size", run.global_batch_size, "the run config's global_batch_size")
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, f"the run config (micro_batch_size, {world_size} processes)")
+    _fill(ds, "gradient_accumulation_steps", accumulation,
+          f"global_batch_size {run.global_batch_size} / ({micro} per micro batch x {world_size} processes)")
+    _fill(ds, "gradient_clipping", run.optim.grad_clip, "the run config's optim.grad_clip")
+
+    bf16 = use_bf16(run.precision, device_type)
+    section = ds.setdefault("bf16", {})
+    enabled = section.get("enabled", "auto")
+    if enabled == "auto":
+        section["enabled"] = bf16
+    elif bool(enabled) != bf16:
+        raise DeepSpeedConfigError(
+            f"DeepSpeed config sets bf16.enabled={enabled} but the run config's precision {run.precision!r} means "
+            f"bf16={'on' if bf16 else 'off'} on {device_type}; set bf16.enabled to \"auto\""
+        )
+
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.setdefault("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"zero_optimization.stage {stage!r}; allowed: 0, 1, 2, 3")
+    if "offload_param" in zero and stage != 3:
+        raise DeepSpeedConfigError(
+            f"zero_optimization.offload_param needs stage 3 (parameters are only partitioned there), got stage {stage}"
+        )
+    if "offload_optimizer" in zero and stage == 0:
+        raise DeepSpeedConfigError("zero_optimization.offload_optimizer needs stage 1, 2 or 3, got stage 0")
+    if stage == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+        # export_trained gathers the editor itself; this option only matters to DeepSpeed's own save_16bit_model.
+        zero.pop("stage3_gather_16bit_weights_on_model_save")
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+# --- building the model -----------------------------------------------------------------------------
+
+
+@contextmanager
+def zero3_construction(ds_config: dict) -> Iterator[object]:
+    """While open, transformers builds every model (``from_pretrained``, ``from_config``) ZeRO-3 partitioned.
+
+    ``HfDeepSpeedConfig`` is referenced through a weak reference by transformers, so it must stay alive for
+    as long as models are created: the object is yielded, and the caller keeps it.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    handle = HfDeepSpeedConfig(ds_config)
+    yield handle
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A copy of a (gathered) ZeRO-3 module whose parameters are ordinary tensors with no DeepSpeed state.
+
+    ``copy.deepcopy`` would copy each partitioned parameter's DeepSpeed attributes (its id, its shard) too;
+    pre-seeding the memo with fresh parameters makes deepcopy use those instead.
+    """
+    memo = {id(p): nn.Parameter(p.data.clone(), requires_grad=False) for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def _set_dotted(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    *parents, leaf = dotted.split(".")
+    node = root
+    for part in parents:
+        if not hasattr(node, part):
+            node.add_module(part, nn.Module())
+        node = getattr(node, part)
+    node.add_module(leaf, module)
+
+
+def editor_source(target: FrozenTarget, num_layers: int, with_embeddings: bool) -> FrozenTarget:
+    """A stand-in target holding plain copies of what the editor is built from (gathered from ZeRO-3).
+
+    It has the target's config and the target's first ``num_layers`` decoder layers, final norm and rotary
+    embedding (and embedding table when the editor trains its own copy), nothing else: ~L/n_layers of the
+    target, gathered on every process once while the model is built.
+    """
+    import deepspeed
+
+    parts = [target.final_norm] + list(target.layers[:num_layers])
+    if with_embeddings:
+        parts.append(target.embed_tokens)
+    params = [p for part in parts for p in part.parameters()]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        shell = nn.Module()
+        layers = nn.ModuleList(_plain_copy(layer) for layer in target.layers[:num_layers])
+        _set_dotted(shell, target.arch.layers, layers)
+        _set_dotted(shell, target.arch.final_norm, _plain_copy(target.final_norm))
+        _set_dotted(shell, target.arch.rotary_emb, copy.deepcopy(target.rotary_emb))
+        if with_embeddings:
+            _set_dotted(shell, target.arch.embed_tokens, _plain_copy(target.embed_tokens))
+    shell.config = target.config
+    return FrozenTarget(shell, target.tokenizer, target.name, target.arch)
+
+
+def build_model(run: RunConfig, ds_config: dict, device_type: str) -> tuple[HyperDAS, object | None]:
+    """The HyperDAS model for a resolved DeepSpeed config; under ZeRO-3 the target is loaded partitioned.
+
+    Returns:
+        (model, keep-alive handle): under ZeRO-3 the handle is transformers' ``HfDeepSpeedConfig``, which
+        must outlive the model; None otherwise.
+    """
+    model_config: HyperDASConfig = run.model
+    dtype = torch.bfloat16 if use_bf16(run.precision, device_type) else getattr(torch, model_config.torch_dtype)
+    if zero_stage(ds_config) < 3:
+        torch.manual_seed(run.seed)
+        target = load_target(model_config.target, dtype=dtype)
+        return HyperDAS(model_config, target), None
+    with zero3_construction(ds_config) as handle:
+        target = load_target(model_config.target, dtype=dtype)
+    source = editor_source(target, model_config.chop_editor_at_layer, not model_config.freeze_editor_embeddings)
+    torch.manual_seed(run.seed)
+    model = HyperDAS(model_config, source)
+    model.target = target  # the partitioned target replaces the stand-in, whose copies are now the editor's
+    return model, handle
+
+
+# --- the engine ------------------------------------------------------------------------------------
+
+
+def _make_optimizer(groups: list[dict], ds_config: dict) -> torch.optim.Optimizer:
+    """AdamW over the trainable groups; DeepSpeed's CPU Adam when the optimizer state is offloaded to CPU."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, betas=(0.9, 0.999), eps=1e-8, adamw_mode=True)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+
+
+class DeepSpeedEngine:
+    """`TrainingEngine` over ``deepspeed.initialize``: every process runs every forward on its own shard.
+
+    Args:
+        model: the HyperDAS model (from `build_model`).
+        run: the run config (optimizer, learning rates, batch sizes, precision).
+        ds_config: the resolved DeepSpeed config (from `resolve_ds_config`).
+        keep_alive: what `build_model` returned beside the model (kept for the engine's lifetime).
+    """
+
+    def __init__(self, model: HyperDAS, run: RunConfig, ds_config: dict, keep_alive: object | None = None):
+        import deepspeed
+        import torch.distributed as dist
+
+        self._keep_alive = keep_alive
+        self.config = run
+        self.ds_config = ds_config
+        self.stage = zero_stage(ds_config)
+        opt = run.optim
+        groups = model.param_groups(opt.editor_lr, opt.rotation_lr, opt.mask_lr, opt.weight_decay)
+        for group in groups:
+            group["base_lr"] = group["lr"]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=_make_optimizer(groups, ds_config), config=ds_config
+        )
+        self.model: HyperDAS = self.engine.module
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = torch.device(self.engine.device)
+        self.micro_batch_size = int(ds_config["train_micro_batch_size_per_gpu"])
+        self.grad_accum_steps = int(ds_config["gradient_accumulation_steps"])
+
+    def forward(self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None) -> HyperDASOutput:
+        return self.engine(to_device(batch, self.device), mode=mode, loss_weights=loss_weights)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+
+    def step(self) -> float | None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def set_lr_scale(self, scale: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * scale
+
+    def save(self, folder: Path, client_state: dict) -> None:
+        """DeepSpeed's sharded checkpoint (each process writes its shard) without the frozen target."""
+        self.engine.save_checkpoint(
+            str(folder), tag=CHECKPOINT_TAG, client_state=client_state, save_latest=False,
+            exclude_frozen_parameters=True,
+        )
+
+    def load(self, folder: Path) -> dict:
+        path, client_state = self.engine.load_checkpoint(
+            str(folder), tag=CHECKPOINT_TAG, load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {Path(folder) / CHECKPOINT_TAG}")
+        return client_state
+
+    def export_trained(self, folder: Path) -> None:
+        """Gather the trained parts (ZeRO-3: from every shard) and let the main process save them."""
+        import deepspeed
+
+        params = [p for name, p in self.model.named_parameters() if not name.startswith("target.")]
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.stage == 3 else nullcontext()
+        with gather:
+            if self.is_main:
+                self.model.save_pretrained(folder)
+        self.barrier()
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def init_distributed() -> None:
+    """Join the process group set up by the launcher (nccl on CUDA, gloo on CPU), once per process."""
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend)
