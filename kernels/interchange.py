@@ -20,9 +20,9 @@ Backward, with g = dL/dh', diff_j = s~_j - h_j, c_j = W^T diff_j and a_j = A_{Ts
 
 The fused forward never writes A^T S, the difference or the projection to global memory: per block of base
 rows it streams D in chunks twice (once to reduce c = diff W, once to write h + c W^T) and saves only the
-coefficients c: (B, Tb, r) in fp32 for backward. Backward recomputes d diff and diff tile by tile from the
-saved c, the inputs and dc: (B, Tb, r). All accumulation is fp32; in bf16/fp16 the dot operands (A, the fp32
-tiles and W) are rounded to the input dtype so that tensor cores do the matmuls.
+coefficients c: (B, Tb, r) in fp32, and only when W needs a gradient. Backward recomputes d diff and diff
+tile by tile from the saved c, the inputs and dc: (B, Tb, r). All accumulation is fp32; in bf16/fp16 the
+dot operands (A, the fp32 tiles and W) are rounded to the input dtype so that tensor cores do the matmuls.
 """
 
 from __future__ import annotations
@@ -185,14 +185,14 @@ if HAS_TRITON:
         stride_mb, stride_mt,
         stride_ob, stride_ot, stride_od,
         stride_cb, stride_ct, stride_cr,
-        SELECT: tl.constexpr, PROJECT: tl.constexpr, HAS_MASK: tl.constexpr,
+        SELECT: tl.constexpr, PROJECT: tl.constexpr, HAS_MASK: tl.constexpr, STORE_C: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, R_PAD: tl.constexpr,
         DOT: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
         """One block of base rows of one example: h' = h + (s~ - h) W W^T, or h' = s~ without W.
 
-        Pass 1 over D reduces c = (s~ - h) W: (BLOCK_T, r) and stores it (fp32, zero on masked rows) for
-        backward; pass 2 writes h + c W^T. Masked rows (position_mask False) are copied from h.
+        Pass 1 over D reduces c = (s~ - h) W: (BLOCK_T, r) and, when W's gradient will be needed, stores it
+        (fp32, zero on masked rows); pass 2 writes h + c W^T. Masked rows (position_mask False) copy h.
         """
         pid_t = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -229,11 +229,12 @@ if HAS_TRITON:
                 )  # W[cols]: (BLOCK_D, R_PAD)
                 coeff = tl.dot((mixed - h_tile).to(DOT), w.to(DOT), coeff, input_precision=PREC)
             coeff = tl.where(keep[:, None], coeff, 0.0)
-            tl.store(
-                c_ptr + b * stride_cb + rows[:, None] * stride_ct + ranks[None, :] * stride_cr,
-                coeff,
-                mask=row_ok[:, None] & rank_ok[None, :],
-            )
+            if STORE_C:
+                tl.store(
+                    c_ptr + b * stride_cb + rows[:, None] * stride_ct + ranks[None, :] * stride_cr,
+                    coeff,
+                    mask=row_ok[:, None] & rank_ok[None, :],
+                )
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + tl.arange(0, BLOCK_D)
                 col_ok = cols < D
@@ -576,7 +577,8 @@ class InterchangeFunction(torch.autograd.Function):
     """Fused Triton interchange with a fused Triton backward (see the module docstring for the math).
 
     apply(h, S, A, W, position_mask) with A or W possibly None; h, S: fp32, bf16 or fp16. Saves the inputs
-    and the fp32 coefficients c = (s~ - h) W: (B, Tb, r); nothing of size (B, Tb, D) beyond the inputs.
+    and, when W needs a gradient, the fp32 coefficients c = (s~ - h) W: (B, Tb, r); nothing of size
+    (B, Tb, D) beyond the inputs.
     """
 
     @staticmethod
@@ -597,21 +599,22 @@ class InterchangeFunction(torch.autograd.Function):
         w_arg = W if W is not None else h  # never read without projection
         mask = position_mask.view(torch.uint8) if position_mask is not None else None
         m_arg = mask if mask is not None else h
+        store_c = W is not None and ctx.needs_input_grad[3]  # c is read only by dW's kernel
         out = _empty((B, Tb, D), h.dtype, h.device)
-        coeff = _empty((B, Tb, r), torch.float32, h.device) if W is not None else h
+        coeff = _empty((B, Tb, r), torch.float32, h.device) if store_c else None
         a_strides = A.stride() if A is not None else (0, 0, 0)
         w_strides = _w3(W) if W is not None else (0, 0, 0)
         m_strides = mask.stride() if mask is not None else (0, 0)
-        c_strides = coeff.stride() if W is not None else (0, 0, 0)
+        c_strides = coeff.stride() if store_c else (0, 0, 0)
         grid = (triton.cdiv(Tb, cfg["BLOCK_T"]), B)
         _interchange_fwd_kernel[grid](
-            h, S, a_arg, w_arg, m_arg, out, coeff,
+            h, S, a_arg, w_arg, m_arg, out, coeff if store_c else h,
             Tb, Ts, D, r,
             *h.stride(), *S.stride(), *a_strides, *w_strides, *m_strides, *out.stride(), *c_strides,
-            SELECT=select, PROJECT=W is not None, HAS_MASK=mask is not None,
+            SELECT=select, PROJECT=W is not None, HAS_MASK=mask is not None, STORE_C=store_c,
             **cfg, **dot, num_warps=num_warps,
         )  # fmt: skip
-        ctx.save_for_backward(h, S, A, W, mask, coeff if W is not None else None)
+        ctx.save_for_backward(h, S, A, W, mask, coeff)
         return out
 
     @staticmethod

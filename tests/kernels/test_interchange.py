@@ -51,7 +51,8 @@ def make_inputs(
     """Random inputs: A softmaxed over the source axis (some columns pure SELF), orthonormal W."""
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(B, Tb, D, generator=gen, dtype=torch.float64)
-    if strided:  # S as every other row of a longer run, A as a transposed view: non-contiguous inputs
+    if strided:  # h and S as views into wider / longer runs, A as a transposed view: non-contiguous inputs
+        h = torch.randn(B, Tb, D + 3, generator=gen, dtype=torch.float64).to(dtype)[..., 3:]
         S = torch.randn(B, 2 * Ts, D, generator=gen, dtype=torch.float64).to(dtype)[:, ::2]
     else:
         S = torch.randn(B, Ts, D, generator=gen, dtype=torch.float64).to(dtype)
@@ -259,7 +260,7 @@ def test_kernels_compile_for_sm90():
             f = "*fp32"
             for sel, proj in ((1, True), (0, True), (1, False)):
                 build(ic._interchange_fwd_kernel, dict(h_ptr=t, s_ptr=t, a_ptr=f, w_ptr=t, m_ptr="*u8", out_ptr=t,
-                      c_ptr=f), dict(SELECT=sel, PROJECT=proj, HAS_MASK=True, **cfg), nw)
+                      c_ptr=f), dict(SELECT=sel, PROJECT=proj, HAS_MASK=True, STORE_C=proj, **cfg), nw)
                 build(ic._interchange_bwd_rows_kernel, dict(g_ptr=t, h_ptr=t, s_ptr=t, a_ptr=f, w_ptr=t,
                       m_ptr="*u8", dc_ptr=f, dh_ptr=t, ds_ptr=t, da_ptr=f), dict(SELECT=sel, PROJECT=proj,
                       HAS_MASK=True, NEED_DH=True, NEED_DS=True, NEED_DA=True, STORE_DC=proj, **cfg), nw)
