@@ -540,16 +540,16 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _blocks(Tb: int, Ts: int, r: int) -> dict:
+def _blocks(Tb: int, Ts: int, r: int, dtype: torch.dtype) -> dict:
     """Tile sizes: dot operands need >= 16 per side; r is padded to a power of two >= 16.
 
-    32 base rows x 64 features per tile keeps every kernel free of register spills at r = 128 on sm_90
-    with 8 warps (checked with ptxas -v); 64 rows spills in the forward and row-backward kernels.
+    At r = 128 on sm_90 with 8 warps (checked with ptxas -v), 32 base rows x 64 features per tile keeps the
+    bf16/fp16 kernels free of register spills (64 rows spill); exact fp32 dots need 32-feature tiles.
     """
     r_pad = max(16, triton.next_power_of_2(r)) if r else 16
     return dict(
         BLOCK_T=16 if Tb <= 16 else 32,
-        BLOCK_D=64,
+        BLOCK_D=32 if dtype == torch.float32 and r_pad >= 64 else 64,
         BLOCK_S=16 if Ts <= 16 else 32,
         R_PAD=r_pad,
         num_warps=8 if r_pad >= 64 else 4,
@@ -591,7 +591,7 @@ class InterchangeFunction(torch.autograd.Function):
         B, Tb, D = h.shape
         Ts = S.shape[1]
         r = W.shape[-1] if W is not None else 0
-        cfg = _blocks(Tb, Ts, r)
+        cfg = _blocks(Tb, Ts, r, h.dtype)
         num_warps = cfg.pop("num_warps")
         dot = _dot_config(h.dtype)
         select = _IDENTITY if A is None else _WEIGHTED
@@ -627,7 +627,7 @@ class InterchangeFunction(torch.autograd.Function):
         B, Tb, D = h.shape
         Ts = S.shape[1]
         r = W.shape[-1] if W is not None else 0
-        cfg = _blocks(Tb, Ts, r)
+        cfg = _blocks(Tb, Ts, r, h.dtype)
         num_warps = cfg.pop("num_warps")
         dot = _dot_config(h.dtype)
         select = _IDENTITY if A is None else _WEIGHTED

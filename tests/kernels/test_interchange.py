@@ -123,6 +123,7 @@ CASES = {
     "shared-W r=1 mask": dict(B=2, Tb=7, Ts=5, D=88, r=1, basis="shared", mask="random"),
     "multi-block strided": dict(B=2, Tb=37, Ts=19, D=88, r=5, mask="random", strided=True),
     "D=576": dict(B=1, Tb=7, Ts=5, D=576, r=5),
+    "r=70 (32-wide fp32 tiles)": dict(B=2, Tb=7, Ts=5, D=88, r=70, mask="random"),
     "full W=None mask": dict(B=2, Tb=7, Ts=5, D=88, r=None, basis="full", mask="random"),
     "identity batched-W mask": dict(B=2, Tb=7, Ts=7, D=88, r=5, select="identity", mask="random"),
     "identity shared-W": dict(B=3, Tb=5, Ts=5, D=40, r=3, basis="shared", select="identity"),
@@ -242,6 +243,7 @@ def test_kernels_compile_for_sm90():
     pytest.importorskip("triton")
     script = textwrap.dedent(
         """
+        import torch
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -253,8 +255,11 @@ def test_kernels_compile_for_sm90():
             src = ASTSource(fn=kernel, signature=sig, constexprs=cx)
             assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["cubin"]
 
-        for t, dot, prec, r in (("*bf16", tl.bfloat16, "tf32", 128), ("*fp32", tl.float32, "ieee", 5)):
-            cfg = ic._blocks(64, 40, r)
+        for t, dtype, dot, prec, r in (
+            ("*bf16", torch.bfloat16, tl.bfloat16, "tf32", 128),
+            ("*fp32", torch.float32, tl.float32, "ieee", 5),
+        ):
+            cfg = ic._blocks(64, 40, r, dtype)
             nw = cfg.pop("num_warps")
             cfg.update(DOT=dot, PREC=prec)
             f = "*fp32"
