@@ -5,6 +5,10 @@ bench/results/<device>_<UTC date and time>.json (unless --benchmark-json names a
 device (GPU name or CPU model), the versions of torch, triton, transformers and pyvene and the UTC date in
 the JSON's machine_info. bench/make_tables.py turns those files into the README's tables.
 
+On CPU, torch runs on HYPERDAS_BENCH_CPU_THREADS threads (default 1): CPU timings only compare the PyTorch
+paths, and on a shared or oversubscribed machine OpenMP's spin-waiting makes multi-threaded timings of small
+ops swing by 100x. The thread count is stamped into machine_info.
+
 Fixture `memory_probe` measures one call of a step function:
 - `peak_bytes(step)`: CUDA only, torch.cuda.max_memory_allocated during the step minus what was allocated
   before it; None on CPU, where no allocator statistics exist for torch (tracemalloc does not see them).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 import re
 from collections.abc import Callable, Iterable
@@ -52,7 +57,9 @@ _STARTED = datetime.datetime.now(datetime.timezone.utc)
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    """Default --benchmark-json to bench/results/<device>_<date>.json when benchmarks will run."""
+    """Pin CPU threads; default --benchmark-json to bench/results/<device>_<date>.json when benchmarks run."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ.get("HYPERDAS_BENCH_CPU_THREADS", "1")))
     option = config.option
     if getattr(option, "benchmark_json", "absent") is not None:
         return  # pytest-benchmark missing, or the user chose a file
@@ -78,6 +85,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
             "pyvene": _version("pyvene"),
             "deepspeed": _version("deepspeed"),
             "date_utc": _STARTED.isoformat(timespec="seconds"),
+            "torch_num_threads": torch.get_num_threads(),
         }
     )
 
