@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -135,6 +136,12 @@ def resolve_ds_config(ds_config: dict, run: RunConfig, world_size: int, device_t
         )
     if "offload_optimizer" in zero and stage == 0:
         raise DeepSpeedConfigError("zero_optimization.offload_optimizer needs stage 1, 2 or 3, got stage 0")
+    for name in ("offload_param", "offload_optimizer"):
+        device = zero.get(name, {}).get("device", "none")
+        if device not in ("none", "cpu", "nvme"):
+            raise DeepSpeedConfigError(f"zero_optimization.{name}.device {device!r}; allowed: none, cpu, nvme")
+        if device == "nvme" and not zero[name].get("nvme_path"):
+            raise DeepSpeedConfigError(f"zero_optimization.{name} offloads to nvme but sets no nvme_path")
     if stage == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is False:
         # export_trained gathers the editor itself; this option only matters to DeepSpeed's own save_16bit_model.
         zero.pop("stage3_gather_16bit_weights_on_model_save")
@@ -223,6 +230,101 @@ def build_model(run: RunConfig, ds_config: dict, device_type: str) -> tuple[Hype
     model = HyperDAS(model_config, source)
     model.target = target  # the partitioned target replaces the stand-in, whose copies are now the editor's
     return model, handle
+
+
+# --- will the model fit? ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameter counts of a HyperDAS model.
+
+    Attributes:
+        target: the frozen target's parameters.
+        editor: the trained parameters (editor, selection head, subspace module).
+        largest_module: the most parameters one module owns directly (what ZeRO-3 gathers at once).
+    """
+
+    target: int
+    editor: int
+    largest_module: int
+
+
+def count_parameters(model_config: HyperDASConfig, target_config=None) -> ParameterCounts:
+    """Exact counts from the model built on the meta device: no memory used, no weight read.
+
+    Args:
+        model_config: the HyperDAS config (its target's config is read unless ``target_config`` is given).
+        target_config: a transformers config of the target, e.g. for a model that is not downloaded.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if target_config is None:
+        from hyperdas.targets import EMBEDDED_DEFAULT, ensure_embedded_default
+
+        name = model_config.target
+        target_config = AutoConfig.from_pretrained(str(ensure_embedded_default()) if name == EMBEDDED_DEFAULT else name)
+    with torch.device("meta"):
+        target = FrozenTarget(AutoModelForCausalLM.from_config(target_config), None, model_config.target)
+        model = HyperDAS(copy.deepcopy(model_config), target)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return ParameterCounts(
+        target=sum(p.numel() for p in target.parameters()),
+        editor=sum(p.numel() for _, p in model.trainable_named_parameters()),
+        largest_module=largest,
+    )
+
+
+def model_state_bytes(counts: ParameterCounts, ds_config: dict, world_size: int) -> dict[str, int]:
+    """Bytes per device of the model states under a resolved DeepSpeed config (activations not included).
+
+    With w = 2 (bf16) or 4 (fp32) bytes, N processes, E trained and T frozen parameters:
+    weights (T + E)·w, divided by N under ZeRO-3 (0 when parameters are offloaded); gradients E·w, divided
+    by N from stage 2, plus the fp32 gradient partition E·4/N' of bf16 training; optimizer E·(8 + 4)/N' for
+    Adam's two moments and the fp32 master copy (no master copy in fp32 stage 0), N' = N from stage 1,
+    0 when the optimizer is offloaded; ZeRO-3 also holds the largest module gathered twice (in use and
+    prefetched).
+    """
+    stage = zero_stage(ds_config)
+    zero = ds_config.get("zero_optimization", {})
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    w = 2 if bf16 else 4
+    offload_param = zero.get("offload_param", {}).get("device", "none") != "none"
+    offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+    n_params = world_size if stage == 3 else 1
+    n_grads = world_size if stage >= 2 else 1
+    n_opt = world_size if stage >= 1 else 1
+    master = 4 if (bf16 or stage >= 1) else 0
+    fp32_grads = 0 if offload_optimizer or not bf16 else counts.editor * 4 // n_opt
+    return {
+        "target_weights": 0 if offload_param else counts.target * w // n_params,
+        "editor_weights": 0 if offload_param else counts.editor * w // n_params,
+        "gradients": counts.editor * w // n_grads + fp32_grads,
+        "optimizer": 0 if offload_optimizer else counts.editor * (8 + master) // n_opt,
+        "gathered": 2 * counts.largest_module * w if stage == 3 else 0,
+    }
+
+
+def check_model_fits(counts: ParameterCounts, ds_config: dict, world_size: int, device_bytes: int) -> None:
+    """Refuse, before loading anything, a model whose states alone exceed a device under this ZeRO stage.
+
+    Raises:
+        DeepSpeedConfigError: naming the stage, the predicted and available memory, and what would fit.
+    """
+    states = model_state_bytes(counts, ds_config, world_size)
+    needed = sum(states.values())
+    if needed <= device_bytes:
+        return
+    gib = 2**30
+    parts = ", ".join(f"{name} {value / gib:.1f}" for name, value in states.items())
+    raise DeepSpeedConfigError(
+        f"the model does not fit: ZeRO stage {zero_stage(ds_config)} on {world_size} process(es) needs "
+        f"{needed / gib:.1f} GiB per device for the model states alone ({parts} GiB; target "
+        f"{counts.target / 1e9:.2f}B and trained {counts.editor / 1e9:.2f}B parameters) but a device has "
+        f"{device_bytes / gib:.1f} GiB. Use train/configs/zero3.json (shards target and editor), more devices, "
+        "or train/configs/zero3_offload.json (parameters and optimizer state in CPU memory); "
+        "bench/memory_model.py predicts each choice, activations included."
+    )
 
 
 # --- the engine ------------------------------------------------------------------------------------
@@ -330,3 +432,35 @@ def init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend)
+
+
+class DeepSpeedSetup:
+    """The trainer's `EngineSetup` for DeepSpeed: joins the process group, then builds a `DeepSpeedEngine`.
+
+    Args:
+        ds_config_path: the DeepSpeed JSON (its "auto" values are filled from the run config).
+    """
+
+    def __init__(self, ds_config_path: str | Path):
+        import torch.distributed as dist
+
+        self.ds_config_path = Path(ds_config_path)
+        self.raw_ds_config = read_ds_config(self.ds_config_path)
+        init_distributed()
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def build(self, config: RunConfig) -> DeepSpeedEngine:
+        ds = resolve_ds_config(self.raw_ds_config, config, self.world_size, self.device_type)
+        if self.device_type == "cuda":
+            device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            check_model_fits(count_parameters(config.model), ds, self.world_size, device_bytes)
+        model, keep_alive = build_model(config, ds, self.device_type)
+        return DeepSpeedEngine(model, config, ds, keep_alive)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -1,0 +1,185 @@
+"""Train HyperDAS with DeepSpeed: one process per device, under torchrun or the deepspeed launcher.
+
+Same run config as `hyperdas train`, same trainer (train/trainer.py); only the engine differs. The DeepSpeed
+JSON (train/configs/*.json, see docs/scale_out.md) says how the work is split; the run config says what is
+trained, with which global batch, whatever the number of processes.
+
+    # one process (DeepSpeed, e.g. ZeRO-3 with offload on a single device)
+    python train/launch.py --config train/configs/llama3_8b_city.yaml --deepspeed train/configs/zero3_offload.json
+    # one node, 8 devices
+    torchrun --nproc_per_node 8 train/launch.py --config train/configs/llama3_8b_city.yaml \\
+        --deepspeed train/configs/zero3.json
+    deepspeed --num_gpus 8 train/launch.py --config train/configs/llama3_8b_city.yaml \\
+        --deepspeed train/configs/zero3.json
+    # several nodes, listed in a hostfile ("host slots=8" per line)
+    deepspeed --hostfile hostfile train/launch.py --config train/configs/llama3_8b_city.yaml \\
+        --deepspeed train/configs/zero3.json
+    # continue a run from its last checkpoint (same data order)
+    torchrun --nproc_per_node 8 train/launch.py resume=runs/llama3-8b-city
+
+On CPU the processes talk over gloo, on CUDA over nccl. Key=value overrides work as for `hyperdas train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+
+#: how many parent processes to look through for the deepspeed launcher's command line.
+_ANCESTORS_SEARCHED = 4
+_HOSTFILE_LINE = re.compile(r"^\s*(\S+)\s+slots\s*=\s*(\d+)\s*$")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train/launch.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="run config YAML (default: the embedded default's)")
+    parser.add_argument(
+        "--deepspeed", default=None, help="DeepSpeed JSON (default: the run config's `deepspeed` field)"
+    )
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides, as for hyperdas train")
+    return parser
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1])
+
+
+def launcher_hostfile() -> Path | None:
+    """The ``--hostfile`` given to the deepspeed launcher that started this process, if any (Linux only).
+
+    The launcher itself only warns about a missing hostfile and then trains on the local node alone; this
+    lets the entry script stop with a clear error instead.
+    """
+    pid = os.getpid()
+    for _ in range(_ANCESTORS_SEARCHED):
+        pid = _parent(pid)
+        if not pid or pid <= 1:
+            return None
+        argv = _cmdline(pid)
+        if not any(Path(a).name == "deepspeed" for a in argv[:2]):
+            continue
+        for i, arg in enumerate(argv):
+            value = None
+            if arg in ("--hostfile", "-H") and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith("--hostfile="):
+                value = arg.split("=", 1)[1]
+            if value is not None:
+                path = Path(value)
+                if not path.is_absolute():
+                    try:
+                        path = Path(os.readlink(f"/proc/{pid}/cwd")) / path
+                    except OSError:
+                        pass
+                return path
+        return None
+    return None
+
+
+def check_hostfile(path: Path) -> dict[str, int]:
+    """Parse a DeepSpeed hostfile (``hostname slots=N`` per line, ``#`` comments) or fail clearly.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a line is not of that form, a host repeats, or no host is listed.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"hostfile {path} not found. The deepspeed launcher would silently train on this node alone; write "
+            "one line per node, e.g. `node1 slots=8`, or drop --hostfile to use the local devices only."
+        )
+    hosts: dict[str, int] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        match = _HOSTFILE_LINE.match(text)
+        if not match:
+            raise ValueError(f"hostfile {path}, line {number}: {line!r} is not of the form `hostname slots=N`")
+        host, slots = match.group(1), int(match.group(2))
+        if host in hosts:
+            raise ValueError(f"hostfile {path}, line {number}: host {host!r} is listed twice")
+        hosts[host] = slots
+    if not hosts:
+        raise ValueError(f"hostfile {path} lists no host; write one line per node, e.g. `node1 slots=8`")
+    return hosts
+
+
+def single_process_environment() -> None:
+    """Without a launcher, make this process a group of one (rank 0 of 1) on a free local port."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    try:
+        hostfile = launcher_hostfile()
+        if hostfile is not None:
+            check_hostfile(hostfile)
+        return _train(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"train/launch.py (rank {rank}): error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from hyperdas.train.config import load_run_config
+    from hyperdas.train.deepspeed_engine import DeepSpeedSetup
+    from hyperdas.train.trainer import RUN_CONFIG_FILE, Trainer
+
+    config = load_run_config(args.config, args.overrides)
+    ds_path = args.deepspeed or config.deepspeed
+    if config.resume and ds_path is None:
+        ds_path = load_run_config(Path(config.resume) / RUN_CONFIG_FILE).deepspeed
+    if ds_path is None:
+        raise ValueError(
+            "no DeepSpeed config: pass --deepspeed (train/configs/zero3.json, zero3_offload.json, zero2.json or "
+            "ddp.json) or set `deepspeed:` in the run config; for one process without DeepSpeed use hyperdas train"
+        )
+    config.deepspeed = str(ds_path)
+    single_process_environment()
+    setup = DeepSpeedSetup(ds_path)
+    trainer = Trainer(config, setup)
+    try:
+        metrics = trainer.run()
+    except KeyboardInterrupt as stop:
+        if setup.is_main:
+            print(f"train/launch.py: {stop}; continue with the same command and resume={trainer.out_dir}")
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if setup.is_main:
+        from hyperdas.report import metrics_table
+
+        print(metrics_table(metrics))
+        print(f"\nrun folder: {trainer.out_dir} (report.md, metrics.json, model/, checkpoints/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
