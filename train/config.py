@@ -1,0 +1,178 @@
+"""Run configuration: dataclasses loaded from YAML (train/configs/) with `key=value` overrides.
+
+`hyperdas train` and `train/launch.py` read the same file. Overrides use dotted keys for the sections,
+e.g. `hyperdas train model.intervention_layer=12 optim.editor_lr=1e-4 epochs=2 resume=runs/city`; values are
+parsed as YAML scalars (`1e-4`, `true`, `[Country, Continent]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hyperdas.config import SELECTION_MODES, HyperDASConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "smollm2_city.yaml"
+
+
+@dataclass
+class DataConfig:
+    """Which counterfactual data to build (the run's view of hyperdas.data.build.DataRequest, whose target
+    is the model's and whose seed is the run's)."""
+
+    domain: str = "city"
+    #: attributes to localise (causal examples); isolate examples query the others.
+    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
+    #: attributes isolate examples query; None = the other requested ones.
+    isolate_attributes: list[str] | None = None
+    #: kept (filtered) examples over both splits together.
+    max_examples: int = 4000
+    #: share of max_examples in the test split (held-out templates).
+    test_share: float = 0.2
+    #: source contexts: "template" (the domain's templates) and/or "wikipedia".
+    sources: list[str] = field(default_factory=lambda: ["template", "wikipedia"])
+    #: examples per filtering forward pass.
+    filter_batch_size: int = 64
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with three learning rates (METHOD.md, Training). Paper (Llama-3-8B): 4e-5 / 1e-3 / 1e-2."""
+
+    editor_lr: float = 4e-5
+    rotation_lr: float = 1e-3
+    mask_lr: float = 1e-2
+    weight_decay: float = 0.01
+    grad_clip: float = 4.0
+    #: fraction of steps over which the learning rates warm up linearly from 0 (0 = constant).
+    warmup_fraction: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    """Per-example weights and the sparsity schedule (0 before warm-up, then start -> end linearly)."""
+
+    causal_loss_weight: float = 3.5
+    iso_loss_weight: float = 0.5
+    sparsity_weight_start: float = 0.15
+    sparsity_weight_end: float = 1.5
+    sparsity_warmup_fraction: float = 0.5
+
+    def sparsity_weight(self, fraction: float) -> float:
+        """The sparsity weight at training progress ``fraction`` in [0, 1]."""
+        if fraction < self.sparsity_warmup_fraction:
+            return 0.0
+        span = max(1.0 - self.sparsity_warmup_fraction, 1e-12)
+        t = min((fraction - self.sparsity_warmup_fraction) / span, 1.0)
+        return self.sparsity_weight_start + t * (self.sparsity_weight_end - self.sparsity_weight_start)
+
+
+@dataclass
+class RunConfig:
+    """One training run. Defaults are the embedded default's main job; see train/configs/ for others."""
+
+    model: HyperDASConfig = field(default_factory=HyperDASConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    epochs: int = 5
+    #: stop after this many optimizer steps (None = epochs decide).
+    max_steps: int | None = None
+    #: counterfactual pairs per optimizer step, whatever the number of processes.
+    global_batch_size: int = 16
+    #: pairs per forward on one process; None = global_batch_size / processes (no accumulation).
+    micro_batch_size: int | None = None
+    eval_batch_size: int = 64
+    #: cap on test examples evaluated per mode (None = all).
+    eval_max_examples: int | None = None
+    eval_modes: list[str] = field(default_factory=lambda: list(SELECTION_MODES))
+    #: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16". Masters are always fp32.
+    precision: str = "auto"
+    seed: int = 0
+    out_dir: str = "runs/smollm2-city"
+    save_every: int = 100
+    log_every: int = 10
+    #: number of test pairs drawn in the selection heatmap.
+    heatmap_examples: int = 4
+    #: a run folder to continue from its last checkpoint (same data order).
+    resume: str | None = None
+    #: a DeepSpeed JSON config; None = single-process PyTorch.
+    deepspeed: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad value and what is allowed."""
+        self.model.validate()
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision {self.precision!r}; allowed: auto, fp32, bf16")
+        unknown = [m for m in self.eval_modes if m not in SELECTION_MODES]
+        if unknown:
+            raise ValueError(f"unknown eval mode(s) {unknown}; allowed: {list(SELECTION_MODES)}")
+        for name in ("global_batch_size", "eval_batch_size", "save_every", "log_every", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _build(cls, values: dict, where: str):
+    """Recursively build dataclass ``cls`` from a dict, rejecting unknown keys by name."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; allowed: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(values: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
+    """`key=value` strings -> (dotted key, YAML-parsed value)."""
+    parsed = []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. model.intervention_layer=12)")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (default: the embedded default's) and apply `key=value` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"run config {path} not found; the shipped ones are in {CONFIG_DIR}")
+    values = yaml.safe_load(path.read_text()) or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(values, key, value)
+    config = _build(RunConfig, values, "")
+    config.validate()
+    return config
+
+
+def run_config_to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_run_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(run_config_to_dict(config), sort_keys=False))

@@ -1,0 +1,301 @@
+"""The training recipe: set up, train, checkpoint, resume, evaluate, report. One loop for every engine.
+
+Single process (`hyperdas train`), torchrun and the `deepspeed` launcher (train/launch.py) all run
+``Trainer(config, setup).run()``; only the ``EngineSetup`` differs (how the target is loaded and the model
+wrapped). Data order is a pure function of (seed, epoch), so a resumed run sees exactly the batches the
+uninterrupted run would have, and each process takes its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from hyperdas.model import LossWeights
+from hyperdas.targets import load_target
+from hyperdas.train.config import RunConfig, load_run_config, save_run_config
+from hyperdas.train.data_source import RunData, load_run_data
+from hyperdas.train.engine import PlainEngine, TrainingEngine
+from hyperdas.train.evaluate import evaluate, write_evaluation
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+RUN_CONFIG_FILE = "run_config.yaml"
+TRAIN_LOG = "train_log.jsonl"
+FINAL_MODEL = "model"
+
+
+class EngineSetup(Protocol):
+    """How a run gets its engine: process layout, target loading, model building, wrapping."""
+
+    rank: int
+    world_size: int
+    is_main: bool
+
+    def build(self, config: RunConfig) -> TrainingEngine:
+        """Load the target, build the HyperDAS model and wrap it in an engine."""
+
+    def barrier(self) -> None:
+        """Wait for every process."""
+
+
+class PlainSetup:
+    """One process, plain PyTorch."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def build(self, config: RunConfig) -> TrainingEngine:
+        from hyperdas.model import HyperDAS
+
+        target = load_target(config.model.target, dtype=getattr(torch, config.model.torch_dtype))
+        config.model.validate(num_layers=target.num_layers, hidden_size=target.hidden_size)
+        return PlainEngine(HyperDAS(config.model, target), config)
+
+    def barrier(self) -> None:
+        return None
+
+
+def step_batches(num_examples: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: a seeded permutation cut into full batches (the tail is dropped)."""
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    steps = num_examples // global_batch
+    return [order[s * global_batch : (s + 1) * global_batch].tolist() for s in range(steps)]
+
+
+def process_slices(indices: list[int], rank: int, world_size: int, micro_batch: int) -> list[list[int]]:
+    """This process's micro-batches of one global batch: a contiguous 1/world_size slice, cut in micro-batches."""
+    per_process = len(indices) // world_size
+    mine = indices[rank * per_process : (rank + 1) * per_process]
+    return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs besides weights and optimizer state."""
+
+    step: int = 0
+    elapsed_seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """One HyperDAS training run.
+
+    Args:
+        config: the run configuration (``config.resume`` set: continue that run folder).
+        setup: how to build the engine; default single-process PyTorch.
+    """
+
+    def __init__(self, config: RunConfig, setup: EngineSetup | None = None):
+        if config.resume:
+            config = _resumed_config(config)
+        config.validate()
+        self.config = config
+        self.setup = setup or PlainSetup()
+        self.out_dir = Path(config.out_dir)
+        self.engine: TrainingEngine | None = None
+        self.data: RunData | None = None
+        self.state = TrainState()
+
+    # --- the recipe ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train (or continue), then evaluate and write the run folder; returns the metrics."""
+        self.prepare()
+        self.train()
+        return self.evaluate_and_report()
+
+    def prepare(self) -> None:
+        """Build the engine and the data; restore the last checkpoint when resuming."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.engine = self.setup.build(cfg)
+        self.data = load_run_data(cfg, self.engine.model.target, self.setup)
+        if self.setup.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_run_config(cfg, self.out_dir / RUN_CONFIG_FILE)
+        self.setup.barrier()
+        latest = self.latest_checkpoint()
+        if cfg.resume and latest is not None:
+            client = self.engine.load(latest)
+            self.state = TrainState(**client)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        steps = len(self.data.train) // self.config.global_batch_size
+        if steps == 0:
+            raise ValueError(
+                f"the training split has {len(self.data.train)} examples, fewer than one global batch "
+                f"({self.config.global_batch_size}); lower global_batch_size or build more data"
+            )
+        return steps
+
+    @property
+    def total_steps(self) -> int:
+        total = self.config.epochs * self.steps_per_epoch
+        return min(total, self.config.max_steps) if self.config.max_steps else total
+
+    def loss_weights(self, step: int) -> LossWeights:
+        loss = self.config.loss
+        fraction = step / max(self.total_steps, 1)
+        return LossWeights(loss.causal_loss_weight, loss.iso_loss_weight, loss.sparsity_weight(fraction))
+
+    def lr_scale(self, step: int) -> float:
+        warmup = self.config.optim.warmup_fraction * self.total_steps
+        return min(1.0, (step + 1) / warmup) if warmup >= 1 else 1.0
+
+    def train(self) -> None:
+        """Optimizer steps from the current state to ``total_steps``; Ctrl-C saves a checkpoint first."""
+        cfg, state = self.config, self.state
+        total = self.total_steps
+        bar = tqdm(total=total, initial=state.step, desc="train", disable=not self.setup.is_main, unit="step")
+        started = time.perf_counter() - state.elapsed_seconds
+        interrupted = _InterruptFlag()
+        try:
+            while state.step < total and not interrupted.raised:
+                epoch, within = divmod(state.step, self.steps_per_epoch)
+                indices = step_batches(len(self.data.train), cfg.global_batch_size, cfg.seed, epoch)[within]
+                record = self._one_step(indices)
+                state.step += 1
+                state.elapsed_seconds = time.perf_counter() - started
+                record.update(step=state.step, seconds=round(state.elapsed_seconds, 2))
+                state.history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
+                if state.step % cfg.save_every == 0 and state.step < total:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            interrupted.restore()
+        self.save_checkpoint()
+        if interrupted.raised:
+            raise KeyboardInterrupt(f"interrupted; checkpoint saved at step {state.step} in {self.out_dir}")
+
+    def _one_step(self, indices: list[int]) -> dict:
+        engine = self.engine
+        weights = self.loss_weights(self.state.step)
+        engine.model.set_progress(self.state.step / max(self.total_steps, 1))
+        engine.set_lr_scale(self.lr_scale(self.state.step))
+        micro_batches = process_slices(indices, self.setup.rank, self.setup.world_size, engine.micro_batch_size)
+        losses, ces, penalties = [], [], []
+        grad_norm = None
+        for micro in micro_batches:
+            out = engine.forward(self.data.collate(self.data.train, micro), loss_weights=weights)
+            engine.backward(out.loss)
+            grad_norm = engine.step()
+            losses.append(out.loss.item())
+            ces.append(out.ce_loss.item())
+            penalties.append(out.sparsity_penalty.item())
+        if grad_norm is None:
+            raise RuntimeError(
+                f"no optimizer step after {len(micro_batches)} micro-batches: the engine expects "
+                f"{engine.grad_accum_steps} per step"
+            )
+        mean = sum(losses) / len(losses)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"loss became {mean} at step {self.state.step + 1}")
+        return {
+            "loss": mean,
+            "ce": sum(ces) / len(ces),
+            "sparsity_penalty": sum(penalties) / len(penalties),
+            "sparsity_weight": weights.sparsity,
+            "grad_norm": grad_norm,
+        }
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.out_dir / CHECKPOINTS / LATEST
+        if not pointer.is_file():
+            return None
+        folder = self.out_dir / CHECKPOINTS / pointer.read_text().strip()
+        return folder if folder.is_dir() else None
+
+    def save_checkpoint(self) -> Path:
+        """Write step_NNNNNN atomically (a .partial folder renamed once complete), keep the last two."""
+        root = self.out_dir / CHECKPOINTS
+        name = f"step_{self.state.step:06d}"
+        final, partial = root / name, root / f"{name}.partial"
+        if self.setup.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        self.setup.barrier()
+        self.engine.save(partial, client_state=self.state.__dict__.copy())
+        self.setup.barrier()
+        if self.setup.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            (root / LATEST).write_text(name + "\n")
+            with open(self.out_dir / TRAIN_LOG, "w") as log:
+                for record in self.state.history:
+                    log.write(json.dumps(record) + "\n")
+            older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".partial")
+            for stale in older[:-2]:
+                shutil.rmtree(stale, ignore_errors=True)
+        self.setup.barrier()
+        return final
+
+    # --- the end -------------------------------------------------------------------------------------
+    def evaluate_and_report(self) -> dict:
+        """Export the trained model, evaluate every mode on held-out templates, write metrics and report."""
+        cfg = self.config
+        self.engine.export_trained(self.out_dir / FINAL_MODEL)
+        result = evaluate(
+            self.engine,
+            self.data,
+            modes=cfg.eval_modes,
+            batch_size=cfg.eval_batch_size,
+            max_examples=cfg.eval_max_examples,
+            heatmap_examples=cfg.heatmap_examples,
+            rank=self.setup.rank,
+            world_size=self.setup.world_size,
+        )
+        if self.setup.is_main:
+            write_evaluation(result, self.out_dir, history=self.state.history, run_config=cfg)
+        self.setup.barrier()
+        return result.metrics
+
+
+def _resumed_config(config: RunConfig) -> RunConfig:
+    """The config a run folder was started with; `resume=DIR` continues it (same data, same order)."""
+    folder = Path(config.resume)
+    saved = folder / RUN_CONFIG_FILE
+    if not saved.is_file():
+        raise FileNotFoundError(f"cannot resume: {saved} not found ({folder} is not a hyperdas run folder)")
+    resumed = load_run_config(saved)
+    resumed.resume = str(folder)
+    resumed.out_dir = str(folder)
+    return resumed
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C or SIGTERM into a flag checked between steps (a second Ctrl-C stops at once)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.raised = False
+        self._previous = {}
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
