@@ -1,0 +1,111 @@
+"""`hyperdas data`: defaults for every option, a build then a reuse, and clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hyperdas.targets
+from hyperdas.data.build import DataRequest
+from hyperdas.train import cli, data_command
+
+
+class _KnowItAll:
+    """A target that predicts every next token right (the filter keeps everything), named "oracle"."""
+
+    name = "oracle"
+    device = torch.device("cpu")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def logits_at(self, input_ids, attention_mask, positions):
+        return torch.nn.functional.one_hot(input_ids.gather(1, positions + 1), len(self.tokenizer)).float()
+
+
+@pytest.fixture
+def data_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERDAS_CACHE", str(tmp_path))
+    return tmp_path / "data"
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    data_command.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_no_arguments_means_the_default_request():
+    assert data_command.request_from_args(_parse([])) == DataRequest()
+    args = _parse(["--attributes", "Country, Language", "--isolate-attributes", "Timezone", "--sources", "wikipedia"])
+    request = data_command.request_from_args(args)
+    assert request.attributes == ("Country", "Language") and request.isolate_attributes == ("Timezone",)
+    assert request.sources == ("wikipedia",)
+
+
+def test_build_then_reuse(smollm2, data_cache, monkeypatch, capsys):
+    loads = []
+
+    def load(name, device=None, **kwargs):
+        loads.append((name, device))
+        return _KnowItAll(smollm2.tokenizer)
+
+    monkeypatch.setattr(hyperdas.targets, "load_target", load)
+    argv = ["data", "--target", "oracle", "--max-examples", "12", "--test-share", "0.25", "--quiet", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "split  attribute  type" in out and "train  Country    causal" in out
+    assert "examples: train 9, test 3 (built" in out
+    folder = Path(out.split("data: ")[1].strip())
+    assert folder.parent == data_cache and (folder / "filter_report.json").is_file()
+    assert loads == [("oracle", "cpu")]
+
+    assert cli.main(argv) == 0  # the second time loads the data, not the target
+    assert "(reused;" in capsys.readouterr().out
+    assert len(loads) == 1
+
+
+def test_out_folder(smollm2, data_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, device=None: _KnowItAll(smollm2.tokenizer))
+    out_dir = tmp_path / "mine"
+    assert cli.main(["data", "--target", "oracle", "--max-examples", "4", "--quiet", "--out", str(out_dir)]) == 0
+    assert f"data: {out_dir}/city-" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--domain", "mars"], "unknown RAVEL domain 'mars'; allowed: city, nobel_prize_winner"),
+        (["--attributes", "Country,Mayor"], "unknown attribute 'Mayor' for RAVEL domain 'city'; allowed: Country"),
+        (
+            ["--domain", "occupation", "--attributes", "Gender Bias"],
+            "'Gender Bias' of RAVEL domain 'occupation' has no",
+        ),
+        (["--max-examples", "0"], "max_examples must be at least 1"),
+    ],
+)
+def test_bad_options_exit_2_with_the_message(argv, message, data_cache, capsys):
+    assert cli.main(["data", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hyperdas data: error: ") and message in err
+
+
+def test_zero_examples_exit_2_with_the_counts(tiny_target, data_cache, monkeypatch, capsys):
+    monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, device=None: tiny_target)
+    argv = ["data", "--target", tiny_target.name, "--max-examples", "4", "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "survives filtering" in err and "train  Country    causal" in err
+
+
+def test_the_console_script_reports_errors(data_cache):
+    script = Path(sys.executable).with_name("hyperdas")
+    if not script.is_file():
+        pytest.skip("the hyperdas console script is not installed next to this python (pip install -e .)")
+    done = subprocess.run([str(script), "data", "--domain", "mars"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown RAVEL domain 'mars'" in done.stderr
