@@ -26,6 +26,7 @@ k_positions, inv_freq, key_mask, scale)`:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -40,6 +41,7 @@ except ImportError:
 BACKENDS = ("triton", "sdpa", "flash", "reference")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
+_NOMINAL_BLOCK_N = 64  # key-block size used to decide how to split the keys over programs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,6 +259,19 @@ def cross_attention_sdpa(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _configs(kind: str) -> list[triton.Config]:
+    """Autotuning candidates (BLOCK_N keys per tile, warps, pipeline stages); one fixed config when Triton runs
+    in its CPU interpreter, where timing means nothing. The first of each list compiles without register
+    spills for hd = 128 on sm_90 (checked offline with ptxas); the others are there for other head sizes."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        candidates = [(64, 8, 2), (64, 8, 3), (32, 4, 3), (64, 4, 2), (128, 8, 2)]
+    else:
+        candidates = [(16, 8, 1), (16, 4, 1), (32, 8, 1), (64, 8, 1), (32, 4, 1)]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in candidates]
+
+
 @triton.jit
 def _mm(a, b, IEEE: tl.constexpr):
     """a @ b with fp32 accumulation; IEEE (fp32 inputs) asks for full fp32 products instead of TF32."""
@@ -316,8 +331,8 @@ def _load_key_block(
     stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ib, stride_is, stride_kpb, stride_kps, stride_mb, stride_ms, S, HALF,
 ):  # fmt: skip
-    """A block of keys: RoPE'd key halves R k (input dtype), value halves, cos θ, sin θ (all (BLOCK_N, BLOCK_H)),
-    the mask and r (zeroed on masked or out-of-range keys), and the (key, column) validity."""
+    """A block of keys: RoPE'd key halves R k (input dtype) and value halves (all (BLOCK_N, BLOCK_H)), the key
+    positions, the mask and r (zeroed on masked or out-of-range keys), and the (key, column) validity."""
     n_ok = offs_n < S
     keep = tl.load(MASK + b * stride_mb + offs_n * stride_ms, mask=n_ok, other=0) != 0
     inv = tl.load(INV + b * stride_ib + offs_n * stride_is, mask=n_ok, other=0.0).to(tl.float32)
@@ -335,9 +350,10 @@ def _load_key_block(
     v2 = tl.load(v_ptr + HALF * stride_vd, mask=ok, other=0.0)
     kr1, kr2 = _rope(k1, k2, cos, sin)
     dtype = K.dtype.element_ty
-    return kr1.to(dtype), kr2.to(dtype), v1, v2, cos, sin, keep, inv, ok
+    return kr1.to(dtype), kr2.to(dtype), v1, v2, pos, keep, inv, ok
 
 
+@triton.autotune(configs=_configs("fwd"), key=["HALF", "GROUP", "SPLIT", "IEEE"])
 @triton.jit
 def _cross_attn_fwd_kernel(
     Q, K, V, INV, QPOS, KPOS, FREQ, MASK, OUT, LSE,
@@ -346,11 +362,12 @@ def _cross_attn_fwd_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_ib, stride_is, stride_qpb, stride_qpt, stride_kpb, stride_kps, stride_mb, stride_ms,
-    Hkv, Te, S, HALF, qk_scale, BLOCKS_PER_PROGRAM, split_stride_o, split_stride_lse,
+    Hkv, Te, S, HALF, qk_scale, RUNS, split_stride_o, split_stride_lse,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Forward: one program per (split of the keys, block of BLOCK_M query rows, batch row b, key/value head).
+    """Forward: one program per (split of the keys (RUNS splits), block of BLOCK_M query rows, batch row b,
+    key/value head).
 
     The GROUP = Hq/Hkv query heads that share key/value head j are stacked into M = GROUP·Te rows (row m is
     head j·GROUP + m // Te, instruction token m % Te), so every key tile is read once per group. Heads are
@@ -374,7 +391,7 @@ def _cross_attn_fwd_kernel(
     offs_h = tl.arange(0, BLOCK_H)  # one half of the head dimension
     h_ok = offs_h < HALF
     freq = tl.load(FREQ + offs_h, mask=h_ok, other=0.0).to(tl.float32)
-    qr1, qr2, _, _, row_ok, q_ok, _, _ = _load_query_rows(
+    qr1, qr2, q_cos, q_sin, row_ok, q_ok, q_unused1, q_unused2 = _load_query_rows(
         Q, Q, QPOS, freq, b, kvh, offs_m, offs_h, h_ok,
         stride_qb, stride_qh, stride_qt, stride_qd, stride_qb, stride_qh, stride_qt, stride_qd,
         stride_qpb, stride_qpt, Te, HALF, GROUP, False,
@@ -384,11 +401,13 @@ def _cross_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    first = pid_split * BLOCKS_PER_PROGRAM
-    last = tl.minimum(first + BLOCKS_PER_PROGRAM, tl.cdiv(S, BLOCK_N))
+    n_blocks = tl.cdiv(S, BLOCK_N)
+    per_run = tl.cdiv(n_blocks, RUNS)
+    first = pid_split * per_run
+    last = tl.minimum(first + per_run, n_blocks)
     for block in range(first, last):
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        kr1, kr2, v1, v2, _, _, keep, inv, _ = _load_key_block(
+        kr1, kr2, v1, v2, k_pos, keep, inv, kv_ok = _load_key_block(
             K, V, INV, KPOS, MASK, freq, b, kvh, offs_n, offs_h, h_ok,
             stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
             stride_ib, stride_is, stride_kpb, stride_kps, stride_mb, stride_ms, S, HALF,
@@ -471,6 +490,7 @@ def _tile_grads(kr1, kr2, v1, v2, inv, col_scale, keep, qr1, qr2, do1, do2, lse,
     return g_z1, g_z2, g_y1, g_y2, _mm(ds_q, kr1, IEEE), _mm(ds_q, kr2, IEEE)
 
 
+@triton.autotune(configs=_configs("bwd"), key=["HALF", "GROUP", "SINGLE_Q", "IEEE"], reset_to_zero=["DQ"])
 @triton.jit
 def _cross_attn_bwd_kernel(
     Q, K, V, INV, QPOS, KPOS, FREQ, MASK, DO, LSE, DELTA, DQ, DK, DV, DINV,
@@ -479,11 +499,11 @@ def _cross_attn_bwd_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_ib, stride_is, stride_qpb, stride_qpt, stride_kpb, stride_kps, stride_mb, stride_ms,
-    Hkv, Te, S, HALF, sm_scale, qk_scale, BLOCKS_PER_PROGRAM,
+    Hkv, Te, S, HALF, sm_scale, qk_scale, RUNS,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     SINGLE_Q: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Backward: one program per (run of BLOCKS_PER_PROGRAM key blocks, batch row b, key/value head).
+    """Backward: one program per (run of consecutive key blocks (RUNS runs), batch row b, key/value head).
 
     With y_s = r_s R k_s, z_s = r_s v_s, P = softmax(a) recomputed as 2^(c·r_s (Rq)·(Rk_s) − LSE) and
     Δ_m = dO_m · O_m (precomputed), FlashAttention-2 style:
@@ -507,9 +527,8 @@ def _cross_attn_bwd_kernel(
     h_ok = offs_h < HALF
     offs_m0 = tl.arange(0, BLOCK_M)
     freq = tl.load(FREQ + offs_h, mask=h_ok, other=0.0).to(tl.float32)
-    dq_ptr0 = DQ + (pid_bh * GROUP * Te + offs_m0[:, None]) * (2 * HALF) + offs_h[None, :]  # contiguous fp32
     if SINGLE_Q:
-        qr1, qr2, _, _, row_ok, q_ok, do1, do2 = _load_query_rows(
+        qr1, qr2, q_cos, q_sin, row_ok, q_ok, do1, do2 = _load_query_rows(
             Q, DO, QPOS, freq, b, kvh, offs_m0, offs_h, h_ok,
             stride_qb, stride_qh, stride_qt, stride_qd, stride_dob, stride_doh, stride_dot, stride_dod,
             stride_qpb, stride_qpt, Te, HALF, GROUP, True,
@@ -519,11 +538,13 @@ def _cross_attn_bwd_kernel(
     dq1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
 
-    first = pid_run * BLOCKS_PER_PROGRAM
-    last = tl.minimum(first + BLOCKS_PER_PROGRAM, tl.cdiv(S, BLOCK_N))
+    n_blocks = tl.cdiv(S, BLOCK_N)
+    per_run = tl.cdiv(n_blocks, RUNS)
+    first = pid_run * per_run
+    last = tl.minimum(first + per_run, n_blocks)
     for block in range(first, last):
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        kr1, kr2, v1, v2, k_cos, k_sin, keep, inv, kv_ok = _load_key_block(
+        kr1, kr2, v1, v2, k_pos, keep, inv, kv_ok = _load_key_block(
             K, V, INV, KPOS, MASK, freq, b, kvh, offs_n, offs_h, h_ok,
             stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
             stride_ib, stride_is, stride_kpb, stride_kps, stride_mb, stride_ms, S, HALF,
@@ -557,14 +578,16 @@ def _cross_attn_bwd_kernel(
                 g_y1 += gy1
                 g_y2 += gy2
                 dqa, dqb = _rope_transposed(dqr1 * sm_scale, dqr2 * sm_scale, cos_t, sin_t)
-                tl.atomic_add(dq_ptr0 + m_start * (2 * HALF), dqa, mask=q_ok_t, sem="relaxed")
-                tl.atomic_add(dq_ptr0 + m_start * (2 * HALF) + HALF, dqb, mask=q_ok_t, sem="relaxed")
+                dq_ptr = DQ + (pid_bh * GROUP * Te + offs_m[:, None]) * (2 * HALF) + offs_h[None, :]  # fp32
+                tl.atomic_add(dq_ptr, dqa, mask=q_ok_t, sem="relaxed")
+                tl.atomic_add(dq_ptr + HALF, dqb, mask=q_ok_t, sem="relaxed")
 
         g_y1 = g_y1 * sm_scale
         g_y2 = g_y2 * sm_scale
         d_inv = tl.sum(g_y1 * kr1.to(tl.float32) + g_y2 * kr2.to(tl.float32), 1)
         d_inv += tl.sum(g_z1 * v1.to(tl.float32) + g_z2 * v2.to(tl.float32), 1)
-        g1, g2 = _rope_transposed(g_y1, g_y2, k_cos, k_sin)  # gradient of the scaled, unrotated key
+        k_angle = k_pos[:, None] * freq[None, :]  # recomputed rather than held in registers over the tile
+        g1, g2 = _rope_transposed(g_y1, g_y2, tl.cos(k_angle), tl.sin(k_angle))  # grad of the scaled key r_s k_s
         tl.store(DINV + pid_bh * S + offs_n, d_inv, mask=offs_n < S)
         dk_ptr = DK + (pid_bh * S + offs_n[:, None]) * (2 * HALF) + offs_h[None, :]
         dv_ptr = DV + (pid_bh * S + offs_n[:, None]) * (2 * HALF) + offs_h[None, :]
@@ -577,8 +600,9 @@ def _cross_attn_bwd_kernel(
         q_pos = tl.load(QPOS + b * stride_qpb + (offs_m0 % Te) * stride_qpt, mask=row_ok, other=0).to(tl.float32)
         q_angle = q_pos[:, None] * freq[None, :]  # recomputed rather than held in registers over the key loop
         dqa, dqb = _rope_transposed(dq1 * sm_scale, dq2 * sm_scale, tl.cos(q_angle), tl.sin(q_angle))
-        tl.atomic_add(dq_ptr0, dqa, mask=q_ok, sem="relaxed")
-        tl.atomic_add(dq_ptr0 + HALF, dqb, mask=q_ok, sem="relaxed")
+        dq_ptr = DQ + (pid_bh * GROUP * Te + offs_m0[:, None]) * (2 * HALF) + offs_h[None, :]  # contiguous fp32
+        tl.atomic_add(dq_ptr, dqa, mask=q_ok, sem="relaxed")
+        tl.atomic_add(dq_ptr + HALF, dqb, mask=q_ok, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -586,11 +610,11 @@ def _cross_attn_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _block_sizes(rows: int, hd: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_H): stacked query rows per tile, keys per tile, padded half head dimension."""
+def _block_sizes(rows: int, hd: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_H): stacked query rows per tile and the padded half head dimension (BLOCK_N is tuned)."""
     block_h = max(16, triton.next_power_of_2(hd // 2))
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    return block_m, 64, block_h
+    return block_m, block_h
 
 
 def _programs_in_flight(device: torch.device) -> int:
@@ -600,12 +624,12 @@ def _programs_in_flight(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _key_blocks_per_program(n_blocks: int, programs: int, device: torch.device, minimum: int) -> int:
-    """Split the n_blocks key blocks of each of `programs` (query block, head) pairs into evenly sized runs,
-    enough of them to fill the device, each at least `minimum` blocks long (or all of them)."""
-    per_program = max(minimum, triton.cdiv(n_blocks * programs, _programs_in_flight(device)))
-    runs = triton.cdiv(n_blocks, min(per_program, n_blocks))
-    return triton.cdiv(n_blocks, runs)
+def _key_runs(s: int, programs: int, device: torch.device, minimum: int) -> int:
+    """Into how many runs of consecutive keys to split the S keys of each of `programs` (query block, head)
+    pairs: enough runs to fill the device, each at least `minimum` nominal 64-key blocks long (or all keys)."""
+    n_blocks = triton.cdiv(s, _NOMINAL_BLOCK_N)
+    per_run = max(minimum, triton.cdiv(n_blocks * programs, _programs_in_flight(device)))
+    return triton.cdiv(n_blocks, min(per_run, n_blocks))
 
 
 def _index_strides(
@@ -632,11 +656,9 @@ def _triton_forward(
     b, hq, te, hd = q.shape
     hkv, s = k.shape[1], k.shape[2]
     group = hq // hkv
-    block_m, block_n, block_h = _block_sizes(group * te, hd)
+    block_m, block_h = _block_sizes(group * te, hd)
     m_blocks = triton.cdiv(group * te, block_m)
-    n_blocks = triton.cdiv(s, block_n)
-    per_program = _key_blocks_per_program(n_blocks, m_blocks * b * hkv, q.device, minimum=4)
-    n_splits = triton.cdiv(n_blocks, per_program)
+    n_splits = _key_runs(s, m_blocks * b * hkv, q.device, minimum=4)
     out = torch.empty((b, hq, te, hd), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, hq, te), device=q.device, dtype=torch.float32)
     if n_splits > 1:
@@ -648,9 +670,8 @@ def _triton_forward(
         q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, o_target, lse_target,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_index_strides(key_inv_norm, q_positions, k_positions, key_mask),
-        hkv, te, s, hd // 2, scale * _LOG2E, per_program, b * hq * te * hd, b * hq * te,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, SPLIT=n_splits > 1,
-        IEEE=q.dtype == torch.float32, num_warps=4 if block_h <= 32 else 8, num_stages=2,
+        hkv, te, s, hd // 2, scale * _LOG2E, n_splits, b * hq * te * hd, b * hq * te,
+        GROUP=group, BLOCK_M=block_m, BLOCK_H=block_h, SPLIT=n_splits > 1, IEEE=q.dtype == torch.float32,
     )  # fmt: skip
     if n_splits > 1:
         _combine_splits_kernel[(b * hq * te,)](
@@ -683,17 +704,15 @@ def _triton_backward(
     dk = torch.empty((b, hkv, s, hd), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, hkv, s, hd), device=q.device, dtype=v.dtype)
     d_inv = torch.empty((b, hkv, s), device=q.device, dtype=torch.float32)
-    block_m, block_n, block_h = _block_sizes(group * te, hd)
-    n_blocks = triton.cdiv(s, block_n)
-    per_program = _key_blocks_per_program(n_blocks, b * hkv, q.device, minimum=1)
-    _cross_attn_bwd_kernel[(triton.cdiv(n_blocks, per_program), b * hkv)](
+    block_m, block_h = _block_sizes(group * te, hd)
+    runs = _key_runs(s, b * hkv, q.device, minimum=1)
+    _cross_attn_bwd_kernel[(runs, b * hkv)](
         q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, grad_out, lse, delta,
         dq, dk, dv, d_inv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
         *_index_strides(key_inv_norm, q_positions, k_positions, key_mask),
-        hkv, te, s, hd // 2, scale, scale * _LOG2E, per_program,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, SINGLE_Q=group * te <= block_m,
-        IEEE=q.dtype == torch.float32, num_warps=4 if block_h <= 32 else 8, num_stages=1,
+        hkv, te, s, hd // 2, scale, scale * _LOG2E, runs,
+        GROUP=group, BLOCK_M=block_m, BLOCK_H=block_h, SINGLE_Q=group * te <= block_m, IEEE=q.dtype == torch.float32,
     )  # fmt: skip
     return dq.to(q.dtype), dk, dv, d_inv.sum(dim=1)
 

@@ -228,18 +228,19 @@ def test_triton_matches_reference(shape: Shape, poisoned_buffers):
     check_empty_row(out, grads, inputs)
 
 
-@pytest.mark.parametrize("per_program", [1, 2])
+@pytest.mark.parametrize("runs", [2, 5])
 @pytest.mark.parametrize(
     "shape",
     [Shape(b=3, hq=6, hkv=2, te=3, t=11, n=17, hd=8), Shape(b=3, hq=6, hkv=1, te=13, t=17, n=11, hd=24)],
     ids=str,
 )
-def test_triton_key_splits(shape: Shape, per_program: int, monkeypatch, poisoned_buffers):
+def test_triton_key_splits(shape: Shape, runs: int, monkeypatch, poisoned_buffers):
     """Keys split over several programs: the forward merges per-split partial results, the backward adds dq
-    from several runs of key blocks; row 0 sees keys in the first block only, so later splits see none."""
+    from several runs of key blocks (S = 187: 3 blocks of 64, so 5 runs leave some empty); row 0 sees keys in
+    the first block only, so later splits see none."""
     import hyperdas.kernels.cross_attention as module
 
-    monkeypatch.setattr(module, "_key_blocks_per_program", lambda *args, **kwargs: per_program)
+    monkeypatch.setattr(module, "_key_runs", lambda *args, **kwargs: runs)
     inputs = make_inputs(shape, seed=17)
     inputs["key_mask"][0] = False
     inputs["key_mask"][0, 5:50:3] = True
