@@ -113,9 +113,10 @@ class HyperDAS(nn.Module):
         self.editor.gradient_checkpointing = config.checkpoint_editor_layers
         self.selection_head = SelectionHead(d, heads)
         self.subspace = build_subspace(config.subspace_module, d, config.das_dimension, config.mask_temperature_start)
-        dtype = target.dtype
-        self.selection_head.to(dtype)
-        self.subspace.to(dtype)
+        # fp32 master weights for everything trained, whatever the target's dtype (float64 stays, for tests)
+        trained_dtype = torch.float64 if target.dtype == torch.float64 else torch.float32
+        for part in (self.editor, self.selection_head, self.subspace):
+            part.to(trained_dtype)
 
     # --- the trained parts ------------------------------------------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -174,7 +175,19 @@ class HyperDAS(nn.Module):
     def forward(
         self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None
     ) -> HyperDASOutput:
-        """One HyperDAS forward on a collated batch (see hyperdas.data.collate for its keys)."""
+        """One HyperDAS forward on a collated batch (see hyperdas.data.collate for its keys).
+
+        With a bf16/fp16 target the forward runs under autocast to the target's dtype (the trained parts
+        keep fp32 masters), unless the caller already enabled autocast.
+        """
+        device = batch["base_input_ids"].device
+        low_precision = self.target.dtype in (torch.bfloat16, torch.float16)
+        if low_precision and not torch.is_autocast_enabled(device.type):
+            with torch.autocast(device.type, dtype=self.target.dtype):
+                return self._forward(batch, mode, loss_weights)
+        return self._forward(batch, mode, loss_weights)
+
+    def _forward(self, batch: dict, mode: str, loss_weights: LossWeights | None) -> HyperDASOutput:
         k = self.config.intervention_layer
         base_states, source_states = self.target_states(batch)
         base_mask = batch["base_intervention_mask"].bool()

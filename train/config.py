@@ -8,6 +8,7 @@ parsed as YAML scalars (`1e-4`, `true`, `[Country, Continent]`).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,8 +133,34 @@ def _build(cls, values: dict, where: str):
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value or {}, f"{where}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
     return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str):
+    """Scalars as the field declares them: YAML reads `1e-4` as a string, and ints may stand for floats."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ValueError(f"config key {key} may not be null")
+    for kind in (bool, int, float):
+        if kind in allowed and not (kind is int and bool in allowed):
+            if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+                return value
+    if float in allowed and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"config key {key} must be a number, got {value!r}") from None
+    if int in allowed and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"config key {key} must be an integer, got {value!r}") from None
+    if (int in allowed or float in allowed) and not isinstance(value, (int, float)) and str not in allowed:
+        raise ValueError(f"config key {key} must be a number, got {value!r}")
+    return value
 
 
 def _set_dotted(values: dict, dotted: str, value) -> None:

@@ -1,0 +1,183 @@
+"""The training loop: data order, resume after a checkpoint or Ctrl-C, evaluation and the run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from datasets import Dataset
+
+from hyperdas.data.collate import Collator
+from hyperdas.data.examples import make_examples
+from hyperdas.model import HyperDAS
+from hyperdas.targets import build_random_target
+from hyperdas.train import trainer as trainer_module
+from hyperdas.train.config import RunConfig, load_run_config
+from hyperdas.train.data_source import RunData
+from hyperdas.train.engine import PlainEngine
+from hyperdas.train.trainer import Trainer, process_slices, step_batches
+
+
+class TinySetup:
+    """Single process on a random 3-layer Llama with SmolLM2's tokenizer (filtering would keep nothing)."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def build(self, config: RunConfig):
+        target = build_random_target(tiny_llama_config(len(self.tokenizer)), tokenizer=self.tokenizer, seed=0)
+        target.name = config.model.target
+        torch.manual_seed(config.seed)
+        return PlainEngine(HyperDAS(config.model, target), config)
+
+    def barrier(self):
+        return None
+
+
+@pytest.fixture()
+def tiny_run(monkeypatch, tmp_path, smollm2):
+    """A run config and setup for the tiny target, with unfiltered RAVEL examples as its data."""
+    rows = make_examples("city", ["Country", "Continent"], n_per_kind=6, seed=0)
+    train = Dataset.from_list([r for r in rows if r["split"] == "train"])
+    test = Dataset.from_list([r for r in rows if r["split"] == "test"])
+
+    def fake_data(config, target, setup):
+        return RunData(train, test, Collator(target.tokenizer), tmp_path / "data")
+
+    monkeypatch.setattr(trainer_module, "load_run_data", fake_data)
+    config = load_run_config(
+        None,
+        [
+            "model.target=tiny",
+            "model.intervention_layer=1",
+            "model.das_dimension=4",
+            "model.chop_editor_at_layer=1",
+            "model.num_editing_heads=5",
+            "model.torch_dtype=float32",
+            "global_batch_size=4",
+            "micro_batch_size=2",
+            "max_steps=5",
+            "save_every=2",
+            "eval_batch_size=8",
+            "eval_modes=[soft,column_argmax,groundtruth]",
+            "heatmap_examples=2",
+            f"out_dir={tmp_path / 'run'}",
+            "optim.editor_lr=1e-3",
+        ],
+    )
+    return config, TinySetup(smollm2.tokenizer)
+
+
+def _losses(folder) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_step_batches_are_a_seeded_permutation_and_processes_split_them():
+    epoch0 = step_batches(23, 4, seed=1, epoch=0)
+    assert len(epoch0) == 5 and all(len(b) == 4 for b in epoch0)
+    flat = [i for b in epoch0 for i in b]
+    assert len(set(flat)) == 20 and set(flat) <= set(range(23))
+    assert epoch0 == step_batches(23, 4, seed=1, epoch=0)
+    assert epoch0 != step_batches(23, 4, seed=1, epoch=1)
+    batch = list(range(100, 112))
+    parts = [process_slices(batch, rank, 3, 2) for rank in range(3)]
+    assert all(len(p) == 2 and all(len(m) == 2 for m in p) for p in parts)
+    assert sorted(i for p in parts for m in p for i in m) == batch
+
+
+def _train_only(config, setup) -> Trainer:
+    trainer = Trainer(config, setup)
+    trainer.prepare()
+    trainer.train()
+    return trainer
+
+
+def test_run_writes_the_run_folder(tiny_run):
+    config, setup = tiny_run
+    trainer = Trainer(config, setup)
+    metrics = trainer.run()
+    out = trainer.out_dir
+    for name in ("metrics.json", "report.md", "selection_heatmap.png", "run_config.yaml", "train_log.jsonl"):
+        assert (out / name).is_file(), name
+    assert (out / "model" / "hyperdas.safetensors").is_file()
+    assert set(metrics) == {"soft", "column_argmax", "groundtruth"}
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert "| soft | **overall** |" in (out / "report.md").read_text()
+    assert len(_losses(out)) == 5
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_000004", "step_000005"]  # the last two are kept
+
+
+def test_a_crash_loses_only_the_steps_since_the_last_checkpoint(tiny_run, tmp_path, monkeypatch):
+    config, setup = tiny_run
+    uninterrupted = _losses(_train_only(config, setup).out_dir)
+
+    config.out_dir = str(tmp_path / "crashed")
+    real_step = Trainer._one_step
+
+    def crash_in_step_4(self, indices):
+        if self.state.step == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(self, indices)
+
+    monkeypatch.setattr(Trainer, "_one_step", crash_in_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train_only(config, setup)
+    monkeypatch.setattr(Trainer, "_one_step", real_step)
+    assert (tmp_path / "crashed" / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+    saved = tmp_path / "crashed" / "run_config.yaml"
+    resumed = Trainer(load_run_config(saved, [f"resume={tmp_path / 'crashed'}"]), setup)
+    resumed.prepare()
+    assert resumed.state.step == 2
+    resumed.train()
+    torch.testing.assert_close(_losses(tmp_path / "crashed"), uninterrupted, rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_run, tmp_path, monkeypatch):
+    config, setup = tiny_run
+    uninterrupted = _losses(_train_only(config, setup).out_dir)
+
+    config.out_dir = str(tmp_path / "interrupted")
+    trainer = Trainer(config, setup)
+    trainer.prepare()
+    real_step = Trainer._one_step
+
+    def step_then_interrupt(self, indices):
+        record = real_step(self, indices)
+        if self.state.step == 2:  # the 3rd step is running: Ctrl-C arrives during it
+            os.kill(os.getpid(), signal.SIGINT)
+        return record
+
+    monkeypatch.setattr(Trainer, "_one_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt, match="checkpoint saved at step 3"):
+        trainer.train()
+    monkeypatch.setattr(Trainer, "_one_step", real_step)
+    assert (tmp_path / "interrupted" / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+    resumed = Trainer(
+        load_run_config(tmp_path / "interrupted" / "run_config.yaml", [f"resume={tmp_path / 'interrupted'}"]), setup
+    )
+    resumed.prepare()
+    resumed.train()
+    torch.testing.assert_close(_losses(tmp_path / "interrupted"), uninterrupted, rtol=1e-5, atol=1e-6)
+
+
+def test_too_few_examples_for_one_batch_is_a_clear_error(tiny_run):
+    config, setup = tiny_run
+    config.global_batch_size = 4096
+    trainer = Trainer(config, setup)
+    trainer.prepare()
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        trainer.train()
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a hyperdas run folder"):
+        Trainer(RunConfig(resume=str(tmp_path)))
