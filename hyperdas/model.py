@@ -13,6 +13,7 @@ No (B, D, D) and no (B, Ts, Tb, D) tensor is ever made.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class HyperDAS(nn.Module):
             target, config.chop_editor_at_layer, config.initialize_from_scratch, not config.freeze_editor_embeddings
         )
         self.editor.gradient_checkpointing = config.checkpoint_editor_layers
+        self.editor.backend = {None: None, True: "triton", False: "sdpa"}[config.use_fused_kernels]
         self.selection_head = SelectionHead(d, heads)
         self.subspace = build_subspace(config.subspace_module, d, config.das_dimension, config.mask_temperature_start)
         # fp32 master weights for everything trained, whatever the target's dtype (float64 stays, for tests)
@@ -146,11 +148,14 @@ class HyperDAS(nn.Module):
             start, end = self.config.mask_temperature_start, self.config.mask_temperature_end
             self.subspace.set_temperature(start + (end - start) * min(max(fraction, 0.0), 1.0))
 
-    def _use_triton(self, device: torch.device) -> bool:
+    def _use_triton(self, device: torch.device) -> bool | None:
+        """The kernels' switch: None lets each op pick (Triton on CUDA), True/False force it."""
         flag = self.config.use_fused_kernels
-        if flag and device.type != "cuda":
-            raise ValueError("use_fused_kernels=True needs CUDA tensors; use None (auto) or False on CPU")
-        return device.type == "cuda" if flag is None else bool(flag)
+        if flag and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "use_fused_kernels=True needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); use null (auto) or false"
+            )
+        return flag
 
     # --- the step ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,1 +1,23 @@
-"""Fused ops for HyperDAS (Triton on CUDA, the PyTorch reference elsewhere). Imports nothing of hyperdas."""
+"""Fused ops for HyperDAS (Triton on CUDA, the PyTorch reference elsewhere). Imports nothing of hyperdas.
+
+The drop-in modules and functional forms are re-exported here from hyperdas.kernels.modules; the pyvene
+intervention lives in hyperdas.kernels.pyvene_intervention (it needs pyvene, so it is not imported here).
+"""
+
+from hyperdas.kernels.modules import (
+    Interchange,
+    NormalizedCrossAttention,
+    SelectionHead,
+    interchange,
+    normalized_cross_attention,
+    selection_head,
+)
+
+__all__ = [
+    "Interchange",
+    "NormalizedCrossAttention",
+    "SelectionHead",
+    "interchange",
+    "normalized_cross_attention",
+    "selection_head",
+]
