@@ -5,7 +5,7 @@
 
 One table per op (extra_info["op"], else the test function's name). Each row: case, mode, path, device,
 mean time, speed-up against the reference path of the same file, case and mode (the path named
-`reference`, `naive` or `eager`: reference time / this time, so > 1 is faster), achieved GB/s or TFLOP/s,
+`reference`, `naive`, `eager` or `four_pass`: reference time / this time, so > 1 is faster), achieved GB/s or TFLOP/s,
 peak CUDA memory and the bytes autograd saved for backward, where the benchmark recorded them.
 """
 
@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REFERENCE_PATHS = ("reference", "naive", "eager")
+REFERENCE_PATHS = ("reference", "naive", "eager", "four_pass")
 PEAK_KEYS = ("peak_memory_bytes", "peak_mem_bytes")
 
 

@@ -13,27 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from hyperdas.targets import EMBEDDED_DEFAULT, FrozenTarget, build_random_target, load_target  # noqa: E402
-
-
-def tiny_llama_config(vocab_size: int, **overrides):
-    """A Llama config small enough for CPU tests, with deliberately odd sizes (D=40, 5 heads, 1 KV head)."""
-    from transformers import LlamaConfig
-
-    values = dict(
-        vocab_size=vocab_size,
-        hidden_size=40,
-        intermediate_size=56,
-        num_hidden_layers=3,
-        num_attention_heads=5,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        pad_token_id=2,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+from hyperdas.testing import tiny_llama_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama_config
-from synthetic_batches import make_batch
 
 from hyperdas.compat import LlamaInterpreter, LlamaInterpreterConfig
 from hyperdas.config import HyperDASConfig
@@ -13,6 +11,7 @@ from hyperdas.kernels.interchange import interchange
 from hyperdas.literal import literal_four_pass_forward
 from hyperdas.model import HyperDAS, LossWeights
 from hyperdas.targets import build_random_target
+from hyperdas.testing import make_batch, tiny_llama_config
 
 VOCAB = 101
 

@@ -5,19 +5,13 @@ On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), on a GPU as
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import tiny_llama_config
 
 from hyperdas.config import HyperDASConfig
 from hyperdas.model import HyperDAS, LossWeights
 from hyperdas.targets import build_random_target
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "hyperdas"))
-from synthetic_batches import make_batch  # noqa: E402
+from hyperdas.testing import make_batch, tiny_llama_config
 
 VOCAB = 67
 

@@ -12,9 +12,9 @@ import torch
 
 pv = pytest.importorskip("pyvene")
 
-from conftest import tiny_llama_config  # noqa: E402
 
 from hyperdas.kernels.pyvene_intervention import FusedLowRankRotatedSpaceIntervention  # noqa: E402
+from hyperdas.testing import tiny_llama_config  # noqa: E402
 
 VOCAB = 97
 

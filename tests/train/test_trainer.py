@@ -8,13 +8,13 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_llama_config
 from datasets import Dataset
 
 from hyperdas.data.collate import Collator
 from hyperdas.data.examples import make_examples
 from hyperdas.model import HyperDAS
 from hyperdas.targets import build_random_target
+from hyperdas.testing import tiny_llama_config
 from hyperdas.train import trainer as trainer_module
 from hyperdas.train.config import RunConfig, load_run_config
 from hyperdas.train.data_source import RunData

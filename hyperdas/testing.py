@@ -1,9 +1,34 @@
-"""Collated batches with random tokens and odd, uneven lengths, shaped as hyperdas.data.collate makes them."""
+"""Small stand-ins for tests and benchmarks: a tiny Llama config with odd sizes and synthetic batches.
+
+``tiny_llama_config`` + ``hyperdas.targets.build_random_target`` give a target in milliseconds;
+``make_batch`` gives a collated batch shaped exactly as hyperdas.data.collate makes one, with random tokens
+and uneven, left-padded lengths.
+"""
 
 from __future__ import annotations
 
 import torch
 
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    """A Llama config small enough for CPU tests, with deliberately odd sizes (D=40, 5 heads, 1 KV head)."""
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=40,
+        intermediate_size=56,
+        num_hidden_layers=3,
+        num_attention_heads=5,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=2,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
 
 def make_batch(vocab_size: int, batch: int = 3, tb: int = 9, ts: int = 7, te: int = 5, labels: int = 2, seed: int = 0):
     """A left-padded batch: base = prompt + labels, source = prompt, instruction; row b is b tokens shorter."""
