@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from hyperdas.model import LossWeights
@@ -201,16 +202,26 @@ class Trainer:
                 f"no optimizer step after {len(micro_batches)} micro-batches: the engine expects "
                 f"{engine.grad_accum_steps} per step"
             )
-        mean = sum(losses) / len(losses)
-        if not math.isfinite(mean):
-            raise FloatingPointError(f"loss became {mean} at step {self.state.step + 1}")
+        loss, ce, penalty = self._mean_over_processes(
+            [sum(losses) / len(losses), sum(ces) / len(ces), sum(penalties) / len(penalties)]
+        )
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {self.state.step + 1}")
         return {
-            "loss": mean,
-            "ce": sum(ces) / len(ces),
-            "sparsity_penalty": sum(penalties) / len(penalties),
+            "loss": loss,
+            "ce": ce,
+            "sparsity_penalty": penalty,
             "sparsity_weight": weights.sparsity,
             "grad_norm": grad_norm,
         }
+
+    def _mean_over_processes(self, values: list[float]) -> list[float]:
+        """The global batch's mean of per-process means (equal shares), so every launcher logs the same curve."""
+        if self.setup.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return values
+        total = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(total)
+        return (total / self.setup.world_size).tolist()
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
