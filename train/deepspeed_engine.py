@@ -32,6 +32,8 @@ from hyperdas.train.engine import micro_batch_plan, to_device
 
 #: the tag (sub-folder) DeepSpeed writes its sharded checkpoint under, inside the trainer's step folder.
 CHECKPOINT_TAG = "deepspeed"
+#: the key the trainer's client state is stored under in DeepSpeed's checkpoint (which adds keys of its own).
+CLIENT_STATE_KEY = "hyperdas_client_state"
 #: keys of a DeepSpeed JSON that the run config owns; the JSON may leave them out or set them to "auto".
 _RUN_OWNED_SECTIONS = ("optimizer", "scheduler", "fp16")
 
@@ -394,7 +396,7 @@ class DeepSpeedEngine:
     def save(self, folder: Path, client_state: dict) -> None:
         """DeepSpeed's sharded checkpoint (each process writes its shard) without the frozen target."""
         self.engine.save_checkpoint(
-            str(folder), tag=CHECKPOINT_TAG, client_state=client_state, save_latest=False,
+            str(folder), tag=CHECKPOINT_TAG, client_state={CLIENT_STATE_KEY: client_state}, save_latest=False,
             exclude_frozen_parameters=True,
         )
 
@@ -403,9 +405,9 @@ class DeepSpeedEngine:
             str(folder), tag=CHECKPOINT_TAG, load_module_strict=False, load_optimizer_states=True,
             load_lr_scheduler_states=False,
         )
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {Path(folder) / CHECKPOINT_TAG}")
-        return client_state
+        if path is None or CLIENT_STATE_KEY not in client_state:
+            raise FileNotFoundError(f"no hyperdas DeepSpeed checkpoint under {Path(folder) / CHECKPOINT_TAG}")
+        return client_state[CLIENT_STATE_KEY]
 
     def export_trained(self, folder: Path) -> None:
         """Gather the trained parts (ZeRO-3: from every shard) and let the main process save them."""

@@ -4,8 +4,8 @@ Run under torchrun (``--engine deepspeed``, any number of processes) or as a pla
 (``--engine plain``): both train the same HyperDAS on the same global batches, so their losses and trained
 weights must agree. Writes ``losses.json`` (the global loss of every optimizer step), the exported editor
 (``export/``, the ``from_pretrained`` format), ``eval.pt`` (the trained model's outputs on fixed evaluation
-pairs, computed by every process), and on request ``grads.pt`` (full gradients of one step with gradient
-checkpointing off and on) and a resumable checkpoint at a given step.
+pairs, computed by every process), or with ``--grads`` only ``grads.pt`` (full gradients of one step with
+gradient checkpointing off and on).
 
     torchrun --nproc_per_node 2 tests/train/ds_worker.py --engine deepspeed --ds zero3.json --target DIR --out OUT
 """
@@ -138,8 +138,6 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--save-at", type=int, default=None, help="write a checkpoint after this many steps")
-    parser.add_argument("--resume", default=None, help="checkpoint folder to continue from")
     parser.add_argument("--grads", action="store_true", help="write grads.pt (checkpointing off, then on)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args()
@@ -156,9 +154,6 @@ def main() -> None:
     loader = DataLoader(data, batch_size=engine.micro_batch_size, sampler=sampler)
     steps_per_epoch = len(loader) // engine.grad_accum_steps
 
-    step = 0
-    if args.resume:
-        step = engine.load(Path(args.resume))["step"]
     if args.grads:
         batch = next(iter(loader))
         grads = {}
@@ -175,22 +170,17 @@ def main() -> None:
         return
 
     losses = {}
-    while step < args.steps:
-        epoch, within = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        batches = iter(loader)
-        for _ in range(within * engine.grad_accum_steps):  # the micro batches this epoch already used
-            next(batches)
+    for step in range(args.steps):
+        if step % steps_per_epoch == 0:
+            sampler.set_epoch(step // steps_per_epoch)
+            batches = iter(loader)
         total = 0.0
         for _ in range(engine.grad_accum_steps):
             output = engine.forward(next(batches), loss_weights=LOSS_WEIGHTS)
             engine.backward(output.loss)
             total += float(output.loss.detach()) / engine.grad_accum_steps
             engine.step()
-        step += 1
-        losses[step] = global_mean(total, engine)
-        if step == args.save_at:
-            engine.save(out / f"step-{step}", {"step": step})
+        losses[step + 1] = global_mean(total, engine)
     if engine.is_main:
         (out / "losses.json").write_text(json.dumps(losses))
     engine.export_trained(out / "export")

@@ -3,13 +3,15 @@
 A tiny random Llama cannot pass the data filter, so the run's dataset is written into a scratch cache unfiltered
 (the trainer then loads it as a built dataset). The single-process run and the 2-process runs must give the
 same global gradient norms at every step, the same exported editor, and the export must give the distributed
-run's metrics under `hyperdas eval` in one process.
+run's metrics under `hyperdas eval` in one process. A ZeRO-3 run cut off after its step-2 checkpoint and
+resumed must continue with the uninterrupted run's losses and end with its weights.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -111,11 +113,21 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert json.loads((run / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
 
 
-def test_torchrun_zero3_matches_hyperdas_train_and_exports_for_hyperdas_eval(setup, plain_run):
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), str(LAUNCH), *args]
+
+
+@pytest.fixture(scope="module")
+def zero3_run(setup) -> Path:
     out = setup["root"] / "zero3"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-          str(LAUNCH), "--config", str(setup["config"]), "--deepspeed", str(setup["root"] / "zero3.json"),
-          f"out_dir={out}"], setup)
+    _run(_torchrun("--config", str(setup["config"]), "--deepspeed", str(setup["root"] / "zero3.json"),
+                   f"out_dir={out}"), setup)
+    return out
+
+
+def test_torchrun_zero3_matches_hyperdas_train_and_exports_for_hyperdas_eval(setup, plain_run, zero3_run):
+    out = zero3_run
     _assert_same_run(out, plain_run)
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert checkpoints == ["step_000002", "step_000003"]
@@ -144,3 +156,20 @@ def test_missing_hostfile_stops_with_a_clear_message(setup):
     assert result.returncode != 0
     assert f"hostfile {missing} not found" in result.stdout + result.stderr
     assert not (setup["root"] / "never").exists()
+
+
+def test_zero3_run_killed_after_step_2_resumes_to_the_same_losses(setup, zero3_run):
+    """A run killed after its step-2 checkpoint: the folder as it was then, continued with resume=DIR."""
+    killed = setup["root"] / "killed"
+    shutil.copytree(zero3_run, killed, ignore=shutil.ignore_patterns("model", "metrics.json", "report.md",
+                                                                     "step_000003"))
+    (killed / "checkpoints" / "latest").write_text("step_000002\n")
+    _run(_torchrun(f"resume={killed}"), setup)  # the DeepSpeed JSON comes from the run folder's config
+    resumed, uninterrupted = _log(killed), _log(zero3_run)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for record, expected in zip(resumed, uninterrupted, strict=True):
+        for key in ("loss", "ce", "sparsity_penalty", "grad_norm"):
+            assert record[key] == pytest.approx(expected[key], rel=1e-6), (record["step"], key)
+    weights = load_file(str(killed / "model" / "hyperdas.safetensors"))
+    for name, value in load_file(str(zero3_run / "model" / "hyperdas.safetensors")).items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-6, atol=1e-7, msg=name)

@@ -3,9 +3,8 @@
 Every run goes through tests/train/ds_worker.py in its own processes (torchrun), and is compared with a
 single-process PlainEngine run of the same global batches:
 
-- ZeRO-3 (target and editor partitioned), ZeRO-2 and plain data parallel: every step's loss and the trained
+- ZeRO-3 (target and editor partitioned) and plain data parallel: every step's global loss and the trained
   editor weights equal the single-process run's;
-- resuming a ZeRO-3 run from its sharded checkpoint continues the uninterrupted run's losses exactly;
 - gradient checkpointing (editor layers and target layers k..end, non-reentrant) on and off give the same
   full gradients under ZeRO-3, and those equal the single-process gradients;
 - the exported editor loads in one process (``HyperDAS.from_pretrained``) and gives the distributed model's
@@ -30,7 +29,7 @@ pytest.importorskip("deepspeed")
 WORKER = Path(__file__).with_name("ds_worker.py")
 CONFIGS = Path(__file__).parents[2] / "train" / "configs"
 RUN_TIMEOUT_S = 300
-STEPS, SAVE_AT = 4, 2
+STEPS = 4
 
 
 def _free_port() -> int:
@@ -85,8 +84,7 @@ def plain_run(workdir) -> Path:
 @pytest.fixture(scope="module")
 def zero3_run(workdir) -> Path:
     ds = _ds_json(workdir, "zero3.json")
-    return _run_worker(workdir / "zero3", "--engine", "deepspeed", "--ds", str(ds), "--save-at", str(SAVE_AT),
-                       *_common(workdir), processes=2)
+    return _run_worker(workdir / "zero3", "--engine", "deepspeed", "--ds", str(ds), *_common(workdir), processes=2)
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -109,27 +107,11 @@ def test_zero3_two_processes_match_single_process(zero3_run, plain_run):
     _assert_same_training(zero3_run, plain_run)
 
 
-@pytest.mark.parametrize("config", ["zero2.json", "ddp.json"])
-def test_zero2_and_ddp_match_single_process(workdir, plain_run, config):
-    ds = _ds_json(workdir, config)
-    run = _run_worker(workdir / config.removesuffix(".json"), "--engine", "deepspeed", "--ds", str(ds),
-                      *_common(workdir), processes=2)
+def test_ddp_matches_single_process(workdir, plain_run):
+    # (ZeRO-2 runs end to end in test_deepspeed_launch.py)
+    ds = _ds_json(workdir, "ddp.json")
+    run = _run_worker(workdir / "ddp", "--engine", "deepspeed", "--ds", str(ds), *_common(workdir), processes=2)
     _assert_same_training(run, plain_run)
-
-
-def test_zero3_resume_continues_the_same_losses(workdir, zero3_run):
-    ds = _ds_json(workdir, "zero3.json")
-    resumed = _run_worker(workdir / "zero3_resumed", "--engine", "deepspeed", "--ds", str(ds), "--resume",
-                          str(zero3_run / f"step-{SAVE_AT}"), *_common(workdir), processes=2)
-    losses, uninterrupted = _losses(resumed), _losses(zero3_run)
-    assert sorted(losses) == list(range(SAVE_AT + 1, STEPS + 1))
-    for step, loss in losses.items():
-        assert loss == pytest.approx(uninterrupted[step], rel=1e-6), f"step {step}"
-    torch.testing.assert_close(
-        load_file(str(resumed / "export" / "hyperdas.safetensors")),
-        load_file(str(zero3_run / "export" / "hyperdas.safetensors")),
-        rtol=1e-6, atol=1e-7,
-    )
 
 
 def test_zero3_checkpointing_gives_the_same_gradients(workdir):
