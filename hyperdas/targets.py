@@ -303,6 +303,26 @@ def ensure_embedded_default() -> Path:
     return folder
 
 
+def target_config(name_or_path: str = EMBEDDED_DEFAULT):
+    """The transformers config of a target, without loading its weights (for checks before heavy work).
+
+    Raises:
+        UnsupportedTargetError: it cannot be found, or its architecture is not supported.
+    """
+    from transformers import AutoConfig
+
+    source = str(ensure_embedded_default()) if name_or_path == EMBEDDED_DEFAULT else name_or_path
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UnsupportedTargetError(
+            f"cannot load target {name_or_path!r}: {err}. Pass {EMBEDDED_DEFAULT!r}, a local folder with a "
+            "config.json, or a hub name available offline."
+        ) from err
+    architecture_of(config)
+    return config
+
+
 def load_target(
     name_or_path: str = EMBEDDED_DEFAULT,
     dtype: torch.dtype = torch.float32,
@@ -324,17 +344,10 @@ def load_target(
     Raises:
         UnsupportedTargetError: the architecture is not in ``ARCHITECTURES``, or the target cannot be found.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(ensure_embedded_default()) if name_or_path == EMBEDDED_DEFAULT else name_or_path
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise UnsupportedTargetError(
-            f"cannot load target {name_or_path!r}: {err}. Pass {EMBEDDED_DEFAULT!r}, a local folder with a "
-            "config.json, or a hub name available offline."
-        ) from err
-    arch = architecture_of(config)
+    arch = architecture_of(target_config(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
     if device is not None:

@@ -22,10 +22,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from hyperdas.model import LossWeights
-from hyperdas.targets import load_target
+from hyperdas.targets import load_target, target_config
 from hyperdas.train.config import RunConfig, load_run_config, save_run_config
 from hyperdas.train.data_source import RunData, load_run_data
-from hyperdas.train.engine import PlainEngine, TrainingEngine
+from hyperdas.train.engine import PlainEngine, TrainingEngine, micro_batch_plan
 from hyperdas.train.evaluate import evaluate, write_evaluation
 
 CHECKPOINTS = "checkpoints"
@@ -36,7 +36,11 @@ FINAL_MODEL = "model"
 
 
 class EngineSetup(Protocol):
-    """How a run gets its engine: process layout, target loading, model building, wrapping."""
+    """How a run gets its engine: process layout, target loading, model building, wrapping.
+
+    A setup may also define ``check(config)`` to refuse a config before any heavy work; without one the
+    trainer checks the model config against the target's config.json (``check_against_target``).
+    """
 
     rank: int
     world_size: int
@@ -65,6 +69,12 @@ class PlainSetup:
 
     def barrier(self) -> None:
         return None
+
+
+def check_against_target(config: RunConfig) -> None:
+    """Validate the model config against the target's config.json (no weights are loaded)."""
+    target = target_config(config.model.target)
+    config.model.validate(num_layers=target.num_hidden_layers, hidden_size=target.hidden_size)
 
 
 def step_batches(num_examples: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
@@ -104,6 +114,8 @@ class Trainer:
         config.validate()
         self.config = config
         self.setup = setup or PlainSetup()
+        micro_batch_plan(config.global_batch_size, self.setup.world_size, config.micro_batch_size)
+        getattr(self.setup, "check", check_against_target)(config)
         self.out_dir = Path(config.out_dir)
         self.engine: TrainingEngine | None = None
         self.data: RunData | None = None

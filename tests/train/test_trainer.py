@@ -30,6 +30,9 @@ class TinySetup:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
+    def check(self, config: RunConfig) -> None:
+        """A random-weight target has no config.json to check against; HyperDAS checks it when built."""
+
     def build(self, config: RunConfig):
         target = build_random_target(tiny_llama_config(len(self.tokenizer)), tokenizer=self.tokenizer, seed=0)
         target.name = config.model.target
