@@ -85,7 +85,16 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
     }
 
 
-def sdpa_flash(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask):
+def sdpa_flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_inv_norm: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    key_mask: torch.Tensor,
+) -> torch.Tensor:
     """Unfused baseline: normalise + RoPE in PyTorch, then SDPA's flash backend (no key mask: it takes none)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
