@@ -769,6 +769,8 @@ def cross_attention_triton(
     _check_inputs(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask)
     if q.dtype not in _TRITON_DTYPES:
         raise ValueError(f"the Triton cross-attention supports {_TRITON_DTYPES}; got {q.dtype}")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the Triton cross-attention needs CUDA tensors (or TRITON_INTERPRET=1); got {q.device}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return CrossAttentionFunction.apply(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale)
 

@@ -23,6 +23,7 @@ from hyperdas.kernels.cross_attention import (
 )
 
 CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # where the Triton tests run: the GPU, else the CPU through the interpreter
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Shape:
 
 # Odd shapes: S not a multiple of any block size, GQA groups of 3 and 6, a half head dimension that needs
 # padding (hd = 8, 24), more stacked query rows (Hq/Hkv · Te = 78) than one query tile, several key tiles.
-CPU_SHAPES = [
+SMALL_SHAPES = [
     Shape(b=3, hq=6, hkv=2, te=3, t=3, n=13, hd=8),
     Shape(b=3, hq=6, hkv=2, te=3, t=5, n=15, hd=64),
     Shape(b=2, hq=6, hkv=1, te=13, t=7, n=11, hd=24),
@@ -204,7 +205,7 @@ def test_reference_matches_explicit_normalisation():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
 def test_sdpa_matches_reference_float64(shape: Shape, poisoned_buffers):
     inputs = make_inputs(shape, seed=hash(shape) % 1000)
     grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64)
@@ -216,10 +217,10 @@ def test_sdpa_matches_reference_float64(shape: Shape, poisoned_buffers):
     check_empty_row(out, grads, inputs)
 
 
-@pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
 def test_triton_matches_reference(shape: Shape, poisoned_buffers):
-    inputs = make_inputs(shape, seed=1 + hash(shape) % 1000)
-    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64)
+    inputs = make_inputs(shape, seed=1 + hash(shape) % 1000, device=DEVICE)
+    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device=DEVICE)
     expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
     out, grads = run_with_grads(cross_attention_triton, inputs, torch.float32, grad_out)
     assert_matches(out, expected, 2e-5, "out")
@@ -241,10 +242,10 @@ def test_triton_key_splits(shape: Shape, runs: int, monkeypatch, poisoned_buffer
     import hyperdas.kernels.cross_attention as module
 
     monkeypatch.setattr(module, "_key_runs", lambda *args, **kwargs: runs)
-    inputs = make_inputs(shape, seed=17)
+    inputs = make_inputs(shape, seed=17, device=DEVICE)
     inputs["key_mask"][0] = False
     inputs["key_mask"][0, 5:50:3] = True
-    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64)
+    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device=DEVICE)
     expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
     out, grads = run_with_grads(cross_attention_triton, inputs, torch.float32, grad_out)
     assert_matches(out, expected, 2e-5, "out")
@@ -267,10 +268,9 @@ def test_triton_key_splits(shape: Shape, runs: int, monkeypatch, poisoned_buffer
     ids=str,
 )
 def test_triton_half_precision(dtype: torch.dtype):
-    shape = CPU_SHAPES[0]
-    device = "cuda" if CUDA else "cpu"
-    inputs = make_inputs(shape, seed=5, device=device)
-    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device=device)
+    shape = SMALL_SHAPES[0]
+    inputs = make_inputs(shape, seed=5, device=DEVICE)
+    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device=DEVICE)
     expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
     out, grads = run_with_grads(cross_attention_triton, inputs, dtype, grad_out)
     rel = 2e-2 if dtype == torch.bfloat16 else 4e-3
@@ -281,13 +281,13 @@ def test_triton_half_precision(dtype: torch.dtype):
 
 
 def test_non_contiguous_inputs():
-    shape = CPU_SHAPES[1]
-    inputs = make_inputs(shape, seed=7)
+    shape = SMALL_SHAPES[1]
+    inputs = make_inputs(shape, seed=7, device=DEVICE)
     # (B, S, Hkv, hd) storage seen as (B, Hkv, S, hd), as a projection's output is before any copy
     for name in ("k", "v"):
         inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
     inputs["q"] = inputs["q"].transpose(1, 2).contiguous().transpose(1, 2)
-    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64)
+    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device=DEVICE)
     expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
     out, grads = run_with_grads(cross_attention_triton, inputs, torch.float32, grad_out)
     assert_matches(out, expected, 2e-5, "out")
@@ -296,8 +296,8 @@ def test_non_contiguous_inputs():
 
 
 def test_custom_scale_and_module():
-    shape = CPU_SHAPES[0]
-    inputs = make_inputs(shape, seed=9)
+    shape = SMALL_SHAPES[0]
+    inputs = make_inputs(shape, seed=9, device=DEVICE)
     expected = cross_attention_reference(**inputs, scale=0.7)
     for backend in ("triton", "sdpa", "reference"):
         module = NormalizedCrossAttention(scale=0.7, backend=backend)
@@ -306,7 +306,7 @@ def test_custom_scale_and_module():
 
 
 def test_dispatch_and_errors():
-    shape = CPU_SHAPES[0]
+    shape = SMALL_SHAPES[0]
     inputs = make_inputs(shape, seed=3)
     torch.testing.assert_close(normalized_cross_attention(**inputs), cross_attention_sdpa(**inputs))
     with pytest.raises(ValueError, match="unknown cross-attention backend 'cuda'"):
@@ -322,6 +322,13 @@ def test_dispatch_and_errors():
         normalized_cross_attention(**dict(inputs, key_mask=inputs["key_mask"].float()))
     with pytest.raises(ValueError, match="Triton cross-attention supports"):
         cross_attention_triton(**inputs)  # float64 is for the PyTorch paths only
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs = {n: t.float() if n in DIFFERENTIABLE else t for n, t in make_inputs(SMALL_SHAPES[0], seed=4).items()}
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        normalized_cross_attention(**inputs, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------------------------
