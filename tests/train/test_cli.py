@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -32,3 +33,31 @@ def test_bad_input_is_refused_quickly_with_a_clear_message(argv, message, capsys
     assert message in err, err
     assert time.perf_counter() - start < 30  # refused before data building or training
     assert not (tmp_path / "runs").exists()
+
+
+def test_eval_reads_a_saved_checkpoint_and_writes_results(smollm2, tmp_path, monkeypatch, capsys):
+    from datasets import Dataset
+
+    from hyperdas.config import HyperDASConfig
+    from hyperdas.data.collate import Collator
+    from hyperdas.data.examples import make_examples
+    from hyperdas.model import HyperDAS
+    from hyperdas.train import data_source
+    from hyperdas.train.data_source import RunData
+
+    HyperDAS(HyperDASConfig(intervention_layer=5, chop_editor_at_layer=1, das_dimension=8), smollm2).save_pretrained(
+        tmp_path / "ckpt"
+    )
+    rows = [r for r in make_examples("city", ["Country", "Continent"], n_per_kind=2, seed=1) if r["split"] == "test"]
+
+    def fake_data(config, target, setup):
+        assert target.name == "smollm2-135m"
+        return RunData(Dataset.from_list(rows), Dataset.from_list(rows), Collator(target.tokenizer), tmp_path)
+
+    monkeypatch.setattr(data_source, "load_run_data", fake_data)
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--modes", "soft,groundtruth"]) == 0
+    out = tmp_path / "ckpt" / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"soft", "groundtruth"}
+    assert metrics["soft"]["overall"]["n_causal"] + metrics["soft"]["overall"]["n_isolate"] == len(rows)
+    assert "| groundtruth | **overall** |" in capsys.readouterr().out
