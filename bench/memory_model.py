@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_target=args.checkpoint_target, attention=args.attention)
     if args.measure:
         tiny = Step(batch=4, seq_len=12, instruction_len=6, editor_layers=2, rank=8, intervention_layer=1)
-        steps = [replace(tiny, batch=b, checkpoint_editor=c, checkpoint_target=c) for b in (4, 16) for c in (0, 1)]
+        steps = [replace(tiny, batch=b, checkpoint_editor=c, checkpoint_target=c)
+                 for b in (4, 16) for c in (False, True)]
         result: object = check_against_tiny(steps)
         print("| B | T | checkpointing | retained predicted | measured | ratio | peak predicted | measured | ratio |")
         print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")

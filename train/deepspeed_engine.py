@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from hyperdas.config import HyperDASConfig
-from hyperdas.model import HyperDAS, HyperDASOutput, LossWeights
+from hyperdas.model import WEIGHTS_FILE, HyperDAS, HyperDASOutput, LossWeights
 from hyperdas.targets import FrozenTarget, load_target
 from hyperdas.train.config import RunConfig
 from hyperdas.train.engine import micro_batch_plan, to_device
@@ -220,17 +220,26 @@ def build_model(run: RunConfig, ds_config: dict, device_type: str) -> tuple[Hype
         must outlive the model; None otherwise.
     """
     model_config: HyperDASConfig = run.model
-    dtype = torch.bfloat16 if use_bf16(run.precision, device_type) else getattr(torch, model_config.torch_dtype)
+    bf16 = use_bf16(run.precision, device_type)
+    dtype = torch.bfloat16 if bf16 else getattr(torch, model_config.torch_dtype)
+    handle = None
     if zero_stage(ds_config) < 3:
         torch.manual_seed(run.seed)
         target = load_target(model_config.target, dtype=dtype)
-        return HyperDAS(model_config, target), None
-    with zero3_construction(ds_config) as handle:
-        target = load_target(model_config.target, dtype=dtype)
-    source = editor_source(target, model_config.chop_editor_at_layer, not model_config.freeze_editor_embeddings)
-    torch.manual_seed(run.seed)
-    model = HyperDAS(model_config, source)
-    model.target = target  # the partitioned target replaces the stand-in, whose copies are now the editor's
+        model = HyperDAS(model_config, target)
+    else:
+        with zero3_construction(ds_config) as handle:
+            target = load_target(model_config.target, dtype=dtype)
+        source = editor_source(target, model_config.chop_editor_at_layer, not model_config.freeze_editor_embeddings)
+        torch.manual_seed(run.seed)
+        model = HyperDAS(model_config, source)
+        model.target = target  # the partitioned target replaces the stand-in, whose copies are now the editor's
+    if bf16:
+        # bf16 working weights; DeepSpeed's optimizer keeps the fp32 masters (ZeRO-3 would otherwise partition
+        # the fp32 parts as they are and keep a second fp32 copy)
+        for name, part in model.named_children():
+            if name != "target":
+                part.to(torch.bfloat16)
     return model, handle
 
 
@@ -409,15 +418,47 @@ class DeepSpeedEngine:
             raise FileNotFoundError(f"no hyperdas DeepSpeed checkpoint under {Path(folder) / CHECKPOINT_TAG}")
         return client_state[CLIENT_STATE_KEY]
 
-    def export_trained(self, folder: Path) -> None:
-        """Gather the trained parts (ZeRO-3: from every shard) and let the main process save them."""
-        import deepspeed
+    def _fp32_masters(self) -> dict[str, torch.Tensor]:
+        """name -> the optimizer's full fp32 master of every trained parameter (every process must call this:
+        under ZeRO the masters are gathered from the shards)."""
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+        from deepspeed.utils import safe_get_full_fp32_param
 
+        unfused = {}  # DeepSpeed's DDP-bf16 optimizer keeps its fp32 copies in groups parallel to the params'
+        if isinstance(self.optimizer, FP16_UnfusedOptimizer):
+            for low, high in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups, strict=True):
+                unfused.update({id(p): master for p, master in zip(low, high, strict=True)})
+        masters = {}
+        for name, param in self.model.trainable_named_parameters():
+            master = safe_get_full_fp32_param(param)
+            if master is None:
+                master = unfused.get(id(param), param)
+            masters[name] = master.detach().float().cpu()
+        return masters
+
+    def export_trained(self, folder: Path) -> None:
+        """The trained parts in the ``from_pretrained`` format, with the fp32 master values (main process writes).
+
+        Under ZeRO-3 the trained parts are gathered from every shard first, so every process must call this.
+        """
+        import deepspeed
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        masters = self._fp32_masters()
         params = [p for name, p in self.model.named_parameters() if not name.startswith("target.")]
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.stage == 3 else nullcontext()
         with gather:
             if self.is_main:
                 self.model.save_pretrained(folder)
+        if self.is_main:
+            # the working weights may be bf16: write the fp32 masters in their place, same names and metadata
+            path = Path(folder) / WEIGHTS_FILE
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata()
+                state = {name: handle.get_tensor(name) for name in handle.keys()}
+            state.update(masters)
+            save_file(state, str(path), metadata=metadata)
         self.barrier()
 
     def barrier(self) -> None:
