@@ -12,7 +12,7 @@ the label positions only (``FrozenTarget.logits_at``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
@@ -89,25 +89,15 @@ def filter_examples(
     return keep
 
 
-def tally(
-    counts: dict[tuple[str, str, str], FilterCount],
-    examples: Iterable[Mapping[str, str]],
-    passed: Iterable[bool],
-    kept: Iterable[bool],
-) -> None:
-    """Add checked examples to ``counts``, keyed by (split, attribute, attribute_type)."""
-    for example, ok, in_data in zip(examples, passed, kept, strict=True):
+def filter_report(examples: Sequence[Mapping[str, str]], keep: Sequence[bool]) -> list[dict[str, object]]:
+    """Kept / total per split, attribute and attribute type, as JSON-ready rows (every passed example kept)."""
+    counts: dict[tuple[str, str, str], FilterCount] = {}
+    for example, ok in zip(examples, keep, strict=True):
         key = (example["split"], example["attribute"], example["attribute_type"])
         count = counts.setdefault(key, FilterCount(*key))
         count.total += 1
         count.passed += bool(ok)
-        count.kept += bool(in_data)
-
-
-def filter_report(examples: Sequence[Mapping[str, str]], keep: Sequence[bool]) -> list[dict[str, object]]:
-    """Kept / total per split, attribute and attribute type, as JSON-ready rows (every passed example kept)."""
-    counts: dict[tuple[str, str, str], FilterCount] = {}
-    tally(counts, examples, keep, keep)
+        count.kept += bool(ok)
     return [asdict(counts[key]) for key in sorted(counts)]
 
 

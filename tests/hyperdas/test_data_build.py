@@ -172,7 +172,7 @@ def test_bad_requests_name_the_value(smollm2, data_cache):
 
 
 def test_the_embedded_default_builds_examples_it_knows(smollm2, data_cache):
-    request = DataRequest(max_examples=8, test_share=0.5)
+    request = DataRequest(max_examples=8, test_share=0.5, max_candidates_per_example=4)
     data = build_dataset(request, smollm2, progress=False)
     assert len(data["train"]) > 0 and len(data["test"]) > 0
     report = load_report(dataset_folder(request))

@@ -115,7 +115,10 @@ def test_the_embedded_default_agrees_with_a_plain_forward(smollm2):
         prompt = tok(prefix, add_special_tokens=False).input_ids + tok(suffix, add_special_tokens=False).input_ids
         (label,) = label_token_ids(tok, [e["verify_text"]], [label_value(e)])
         with torch.no_grad():
-            logits = smollm2.model(torch.tensor([prompt + label])).logits[0]
-        predicted = logits[len(prompt) - 1 : len(prompt) - 1 + len(label)].argmax(-1).tolist()
-        assert kept == (predicted == label)
+            logits = smollm2.model(torch.tensor([prompt + label])).logits[
+                0, len(prompt) - 1 : len(prompt) - 1 + len(label)
+            ]
+        top2 = logits.topk(2, dim=-1).values
+        if (top2[:, 0] - top2[:, 1]).min() > 1e-3:  # not a near-tie that padding could flip
+            assert kept == (logits.argmax(-1).tolist() == label)
     assert any(keep)
