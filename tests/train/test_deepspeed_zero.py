@@ -3,8 +3,8 @@
 Every run goes through tests/train/ds_worker.py in its own processes (torchrun), and is compared with a
 single-process PlainEngine run of the same global batches:
 
-- ZeRO-3 (target and editor partitioned) and plain data parallel: every step's global loss and the trained
-  editor weights equal the single-process run's;
+- ZeRO-3 (target and editor partitioned, gradient checkpointing on) and plain data parallel: every step's
+  global loss and the trained editor weights equal the single-process run's (no checkpointing);
 - gradient checkpointing (editor layers and target layers k..end, non-reentrant) on and off give the same
   full gradients under ZeRO-3, and those equal the single-process gradients;
 - the exported editor loads in one process (``HyperDAS.from_pretrained``) and gives the distributed model's
@@ -84,7 +84,9 @@ def plain_run(workdir) -> Path:
 @pytest.fixture(scope="module")
 def zero3_run(workdir) -> Path:
     ds = _ds_json(workdir, "zero3.json")
-    return _run_worker(workdir / "zero3", "--engine", "deepspeed", "--ds", str(ds), *_common(workdir), processes=2)
+    # with gradient checkpointing of the editor and of target layers k..end; the reference runs without
+    return _run_worker(workdir / "zero3", "--engine", "deepspeed", "--ds", str(ds), "--checkpointing",
+                       *_common(workdir), processes=2)
 
 
 def _losses(run: Path) -> dict[int, float]:
