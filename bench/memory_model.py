@@ -318,10 +318,10 @@ def measure_states() -> dict:
         DeepSpeedEngine,
         count_parameters,
         editor_source,
+        enable_zero3_construction,
         init_distributed,
         model_state_bytes,
         resolve_ds_config,
-        zero3_construction,
     )
     from hyperdas.train.launch import single_process_environment
 
@@ -335,8 +335,8 @@ def measure_states() -> dict:
     ds = resolve_ds_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, run,
                            world, "cpu")
     counts = count_parameters(model_config, target_config("tiny"))  # before ZeRO-3 construction is switched on
-    with zero3_construction(ds) as keep_alive:
-        target = build_random_target(target_config("tiny"), seed=0)
+    keep_alive = enable_zero3_construction(ds)
+    target = build_random_target(target_config("tiny"), seed=0)
     model = HyperDAS(model_config, editor_source(target, 2, False))
     model.target = target
     engine = DeepSpeedEngine(model, run, ds, keep_alive)

@@ -16,8 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,17 +153,17 @@ def resolve_ds_config(ds_config: dict, run: RunConfig, world_size: int, device_t
 # --- building the model -----------------------------------------------------------------------------
 
 
-@contextmanager
-def zero3_construction(ds_config: dict) -> Iterator[object]:
-    """While open, transformers builds every model (``from_pretrained``, ``from_config``) ZeRO-3 partitioned.
+def enable_zero3_construction(ds_config: dict) -> object:
+    """From now on, transformers builds every model ZeRO-3 partitioned, for as long as the returned handle lives.
 
-    ``HfDeepSpeedConfig`` is referenced through a weak reference by transformers, so it must stay alive for
-    as long as models are created: the object is yielded, and the caller keeps it.
+    ``from_pretrained`` (``load_target``) and ``from_config`` (``build_random_target``) then create the model
+    inside ``deepspeed.zero.Init`` and initialise or load each module gathered, so no process holds the whole
+    model. transformers only keeps a weak reference to the handle (an ``HfDeepSpeedConfig``): the caller must
+    keep it, and should count parameters on the meta device before calling this.
     """
     from transformers.integrations import HfDeepSpeedConfig
 
-    handle = HfDeepSpeedConfig(ds_config)
-    yield handle
+    return HfDeepSpeedConfig(ds_config)
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:
@@ -228,8 +227,8 @@ def build_model(run: RunConfig, ds_config: dict, device_type: str) -> tuple[Hype
         target = load_target(model_config.target, dtype=dtype)
         model = HyperDAS(model_config, target)
     else:
-        with zero3_construction(ds_config) as handle:
-            target = load_target(model_config.target, dtype=dtype)
+        handle = enable_zero3_construction(ds_config)
+        target = load_target(model_config.target, dtype=dtype)
         source = editor_source(target, model_config.chop_editor_at_layer, not model_config.freeze_editor_embeddings)
         torch.manual_seed(run.seed)
         model = HyperDAS(model_config, source)
