@@ -108,7 +108,8 @@ def _ds_config(step: Step) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     if step.offload == "all":
         zero["offload_param"] = {"device": "cpu"}
-    return {"bf16": {"enabled": step.bf16}, "zero_optimization": zero}
+    # as resolve_ds_config: stage 0 keeps fp32 trained weights under bf16 autocast
+    return {"bf16": {"enabled": step.bf16 and step.stage > 0}, "zero_optimization": zero}
 
 
 def state_bytes(counts, step: Step) -> dict[str, int]:
@@ -116,7 +117,7 @@ def state_bytes(counts, step: Step) -> dict[str, int]:
     from hyperdas.train.deepspeed_engine import model_state_bytes
 
     if step.engine == "deepspeed":
-        return model_state_bytes(counts, _ds_config(step), step.devices)
+        return model_state_bytes(counts, _ds_config(step), step.devices, 2 if step.bf16 else 4)
     # plain PyTorch: target in its dtype; fp32 editor, fp32 gradients, AdamW's two fp32 moments
     return {
         "target_weights": counts.target * (2 if step.bf16 else 4),

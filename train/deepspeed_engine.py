@@ -116,21 +116,25 @@ def resolve_ds_config(ds_config: dict, run: RunConfig, world_size: int, device_t
           f"global_batch_size {run.global_batch_size} / ({micro} per micro batch x {world_size} processes)")
     _fill(ds, "gradient_clipping", run.optim.grad_clip, "the run config's optim.grad_clip")
 
-    bf16 = use_bf16(run.precision, device_type)
-    section = ds.setdefault("bf16", {})
-    enabled = section.get("enabled", "auto")
-    if enabled == "auto":
-        section["enabled"] = bf16
-    elif bool(enabled) != bf16:
-        raise DeepSpeedConfigError(
-            f"DeepSpeed config sets bf16.enabled={enabled} but the run config's precision {run.precision!r} means "
-            f"bf16={'on' if bf16 else 'off'} on {device_type}; set bf16.enabled to \"auto\""
-        )
-
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.setdefault("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise DeepSpeedConfigError(f"zero_optimization.stage {stage!r}; allowed: 0, 1, 2, 3")
+    # bf16 runs keep fp32 masters. From stage 1 on, DeepSpeed's bf16 mode does that (bf16 working weights, fp32
+    # masters in its optimizer). At stage 0 it would wrap AdamW in its fp16 optimizer instead, so plain data
+    # parallelism keeps fp32 trained weights and runs the forward under bf16 autocast, as hyperdas train does.
+    bf16 = use_bf16(run.precision, device_type)
+    ds_bf16 = bf16 and stage > 0
+    section = ds.setdefault("bf16", {})
+    enabled = section.get("enabled", "auto")
+    if enabled == "auto":
+        section["enabled"] = ds_bf16
+    elif bool(enabled) != ds_bf16:
+        raise DeepSpeedConfigError(
+            f"DeepSpeed config sets bf16.enabled={enabled} but the run config's precision {run.precision!r} at ZeRO "
+            f"stage {stage} on {device_type} needs bf16.enabled={ds_bf16} (stage 0 trains bf16 with fp32 weights "
+            'under autocast); set it to "auto"'
+        )
     if "offload_param" in zero and stage != 3:
         raise DeepSpeedConfigError(
             f"zero_optimization.offload_param needs stage 3 (parameters are only partitioned there), got stage {stage}"
@@ -143,9 +147,6 @@ def resolve_ds_config(ds_config: dict, run: RunConfig, world_size: int, device_t
             raise DeepSpeedConfigError(f"zero_optimization.{name}.device {device!r}; allowed: none, cpu, nvme")
         if device == "nvme" and not zero[name].get("nvme_path"):
             raise DeepSpeedConfigError(f"zero_optimization.{name} offloads to nvme but sets no nvme_path")
-    if stage == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is False:
-        # export_trained gathers the editor itself; this option only matters to DeepSpeed's own save_16bit_model.
-        zero.pop("stage3_gather_16bit_weights_on_model_save")
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
@@ -219,8 +220,7 @@ def build_model(run: RunConfig, ds_config: dict, device_type: str) -> tuple[Hype
         must outlive the model; None otherwise.
     """
     model_config: HyperDASConfig = run.model
-    bf16 = use_bf16(run.precision, device_type)
-    dtype = torch.bfloat16 if bf16 else getattr(torch, model_config.torch_dtype)
+    dtype = torch.bfloat16 if use_bf16(run.precision, device_type) else getattr(torch, model_config.torch_dtype)
     handle = None
     if zero_stage(ds_config) < 3:
         torch.manual_seed(run.seed)
@@ -233,7 +233,7 @@ def build_model(run: RunConfig, ds_config: dict, device_type: str) -> tuple[Hype
         torch.manual_seed(run.seed)
         model = HyperDAS(model_config, source)
         model.target = target  # the partitioned target replaces the stand-in, whose copies are now the editor's
-    if bf16:
+    if ds_config.get("bf16", {}).get("enabled", False):
         # bf16 working weights; DeepSpeed's optimizer keeps the fp32 masters (ZeRO-3 would otherwise partition
         # the fp32 parts as they are and keep a second fp32 copy)
         for name, part in model.named_children():
@@ -285,7 +285,9 @@ def count_parameters(model_config: HyperDASConfig, target_config=None) -> Parame
     )
 
 
-def model_state_bytes(counts: ParameterCounts, ds_config: dict, world_size: int) -> dict[str, int]:
+def model_state_bytes(
+    counts: ParameterCounts, ds_config: dict, world_size: int, target_bytes_per_param: int | None = None
+) -> dict[str, int]:
     """Bytes per device of the model states under a resolved DeepSpeed config (activations not included).
 
     With w = 2 (bf16) or 4 (fp32) bytes, N processes, E trained and T frozen parameters:
@@ -293,7 +295,8 @@ def model_state_bytes(counts: ParameterCounts, ds_config: dict, world_size: int)
     by N from stage 2, plus the fp32 gradient partition E·4/N' of bf16 training; optimizer E·(8 + 4)/N' for
     Adam's two moments and the fp32 master copy (no master copy in fp32 stage 0), N' = N from stage 1,
     0 when the optimizer is offloaded; ZeRO-3 also holds the largest module gathered twice (in use and
-    prefetched).
+    prefetched). The frozen target's weights take ``target_bytes_per_param`` bytes each (default w: a bf16
+    target under stage 0, whose trained parts stay fp32, takes 2).
     """
     stage = zero_stage(ds_config)
     zero = ds_config.get("zero_optimization", {})
@@ -307,7 +310,7 @@ def model_state_bytes(counts: ParameterCounts, ds_config: dict, world_size: int)
     master = 4 if (bf16 or stage >= 1) else 0
     fp32_grads = 0 if offload_optimizer or not bf16 else counts.editor * 4 // n_opt
     return {
-        "target_weights": 0 if offload_param else counts.target * w // n_params,
+        "target_weights": 0 if offload_param else counts.target * (target_bytes_per_param or w) // n_params,
         "editor_weights": 0 if offload_param else counts.editor * w // n_params,
         "gradients": counts.editor * w // n_grads + fp32_grads,
         "optimizer": 0 if offload_optimizer else counts.editor * (8 + master) // n_opt,
@@ -315,13 +318,15 @@ def model_state_bytes(counts: ParameterCounts, ds_config: dict, world_size: int)
     }
 
 
-def check_model_fits(counts: ParameterCounts, ds_config: dict, world_size: int, device_bytes: int) -> None:
+def check_model_fits(
+    counts: ParameterCounts, ds_config: dict, world_size: int, device_bytes: int, target_bytes_per_param: int
+) -> None:
     """Refuse, before loading anything, a model whose states alone exceed a device under this ZeRO stage.
 
     Raises:
         DeepSpeedConfigError: naming the stage, the predicted and available memory, and what would fit.
     """
-    states = model_state_bytes(counts, ds_config, world_size)
+    states = model_state_bytes(counts, ds_config, world_size, target_bytes_per_param)
     needed = sum(states.values())
     if needed <= device_bytes:
         return
@@ -391,11 +396,16 @@ class DeepSpeedEngine:
 
     def step(self) -> float | None:
         boundary = self.engine.is_gradient_accumulation_boundary()
+        norm = None
+        if boundary and self.engine.optimizer is self.engine.basic_optimizer:
+            # stage 0 without a DeepSpeed optimizer wrapper: DeepSpeed clips but does not report the norm;
+            # the gradients are all-reduced by now, so this is the global norm before clipping
+            grads = [p.grad for _, p in self.model.trainable_named_parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads))
         self.engine.step()
         if not boundary:
             return None
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else None
+        return norm if norm is not None else float(self.engine.get_global_grad_norm())
 
     def set_lr_scale(self, scale: float) -> None:
         for group in self.optimizer.param_groups:
@@ -432,7 +442,7 @@ class DeepSpeedEngine:
             master = safe_get_full_fp32_param(param)
             if master is None:
                 master = unfused.get(id(param), param)
-            masters[name] = master.detach().float().cpu()
+            masters[name] = master.detach().float().cpu().clone()
         return masters
 
     def export_trained(self, folder: Path) -> None:
@@ -498,7 +508,8 @@ class DeepSpeedSetup:
         ds = resolve_ds_config(self.raw_ds_config, config, self.world_size, self.device_type)
         if self.device_type == "cuda":
             device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            check_model_fits(count_parameters(config.model), ds, self.world_size, device_bytes)
+            target_bytes = 2 if use_bf16(config.precision, self.device_type) else 4
+            check_model_fits(count_parameters(config.model), ds, self.world_size, device_bytes, target_bytes)
         model, keep_alive = build_model(config, ds, self.device_type)
         return DeepSpeedEngine(model, config, ds, keep_alive)
 

@@ -2,10 +2,10 @@
 
 Run under torchrun (``--engine deepspeed``, any number of processes) or as a plain single process
 (``--engine plain``): both train the same HyperDAS on the same global batches, so their losses and trained
-weights must agree. Writes ``losses.json`` (the global loss of every optimizer step), the exported editor
-(``export/``, the ``from_pretrained`` format), ``eval.pt`` (the trained model's outputs on fixed evaluation
-pairs, computed by every process), or with ``--grads`` only ``grads.pt`` (full gradients of one step with
-gradient checkpointing off and on).
+weights must agree. Writes ``losses.json`` (the global loss and gradient norm of every optimizer step),
+the exported editor (``export/``, the ``from_pretrained`` format), ``eval.pt`` (the trained model's outputs
+on fixed evaluation pairs, computed by every process), or with ``--grads`` only ``grads.pt`` (full gradients
+of one step with gradient checkpointing off and on).
 
     torchrun --nproc_per_node 2 tests/train/ds_worker.py --engine deepspeed --ds zero3.json --target DIR --out OUT
 """
@@ -169,7 +169,7 @@ def main() -> None:
         engine.barrier()
         return
 
-    losses = {}
+    losses, norms = {}, {}
     for step in range(args.steps):
         if step % steps_per_epoch == 0:
             sampler.set_epoch(step // steps_per_epoch)
@@ -179,10 +179,11 @@ def main() -> None:
             output = engine.forward(next(batches), loss_weights=LOSS_WEIGHTS)
             engine.backward(output.loss)
             total += float(output.loss.detach()) / engine.grad_accum_steps
-            engine.step()
+            norm = engine.step()
         losses[step + 1] = global_mean(total, engine)
+        norms[step + 1] = norm
     if engine.is_main:
-        (out / "losses.json").write_text(json.dumps(losses))
+        (out / "losses.json").write_text(json.dumps({"loss": losses, "grad_norm": norms}))
     engine.export_trained(out / "export")
 
     eval_data = SyntheticPairs(6, vocab, seed=2)

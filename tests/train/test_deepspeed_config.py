@@ -35,7 +35,9 @@ def test_shipped_configs_resolve_to_the_run_configs_global_batch(name, world, mi
     ds = resolve_ds_config(read_ds_config(CONFIGS / name), _run(micro_batch_size=micro), world, "cuda")
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == expected
     assert ds["train_batch_size"] == 16 == expected[0] * expected[1] * world
-    assert ds["gradient_clipping"] == 4.0 and ds["bf16"]["enabled"] is True
+    assert ds["gradient_clipping"] == 4.0
+    # stage 0 keeps fp32 trained weights and autocasts; from stage 1 DeepSpeed holds bf16 weights, fp32 masters
+    assert ds["bf16"]["enabled"] is (name != "ddp.json")
 
 
 def test_precision_auto_is_fp32_on_cpu():
@@ -115,7 +117,9 @@ def test_model_state_bytes_by_hand():
         "gathered": 2 * 2 * LLAMA3_8B.largest_module,
     }
     ddp = resolve_ds_config(read_ds_config(CONFIGS / "ddp.json"), run, 8, "cuda")
-    assert model_state_bytes(LLAMA3_8B, ddp, 8)["optimizer"] == 12 * e
+    assert model_state_bytes(LLAMA3_8B, ddp, 8, target_bytes_per_param=2) == {
+        "target_weights": 2 * t, "editor_weights": 4 * e, "gradients": 4 * e, "optimizer": 8 * e, "gathered": 0,
+    }  # = plain PyTorch's: fp32 trained weights and AdamW moments beside a bf16 target
     offload = resolve_ds_config(read_ds_config(CONFIGS / "zero3_offload.json"), run, 1, "cuda")
     assert sum(model_state_bytes(LLAMA3_8B, offload, 1).values()) == 2 * e + 4 * LLAMA3_8B.largest_module
 
@@ -139,12 +143,12 @@ def test_count_parameters_on_the_meta_device():
 def test_a_model_too_large_for_its_stage_is_refused_with_what_would_fit():
     run = _run()
     ddp = resolve_ds_config(read_ds_config(CONFIGS / "ddp.json"), run, 8, "cuda")
-    # replicated: 8.03B bf16 target + 2.53B trained x (2 weights + 6 gradients + 12 Adam/master) bytes = 62.2 GiB
-    check_model_fits(LLAMA3_8B, ddp, 8, 80 * 2**30)
+    # replicated: 8.03B bf16 target + 2.53B trained x (4 weights + 4 gradients + 8 Adam) bytes = 52.7 GiB
+    check_model_fits(LLAMA3_8B, ddp, 8, 80 * 2**30, target_bytes_per_param=2)
     with pytest.raises(DeepSpeedConfigError) as err:
-        check_model_fits(LLAMA3_8B, ddp, 8, 40 * 2**30)
+        check_model_fits(LLAMA3_8B, ddp, 8, 40 * 2**30, target_bytes_per_param=2)
     message = str(err.value)
-    assert "ZeRO stage 0 on 8 process(es) needs 62.2 GiB" in message and "a device has 40.0 GiB" in message
+    assert "ZeRO stage 0 on 8 process(es) needs 52.7 GiB" in message and "a device has 40.0 GiB" in message
     assert "zero3.json" in message and "zero3_offload.json" in message
     zero3 = resolve_ds_config(read_ds_config(CONFIGS / "zero3.json"), run, 8, "cuda")
-    check_model_fits(LLAMA3_8B, zero3, 8, 40 * 2**30)
+    check_model_fits(LLAMA3_8B, zero3, 8, 40 * 2**30, target_bytes_per_param=2)

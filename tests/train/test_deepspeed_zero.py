@@ -4,7 +4,7 @@ Every run goes through tests/train/ds_worker.py in its own processes (torchrun),
 single-process PlainEngine run of the same global batches:
 
 - ZeRO-3 (target and editor partitioned, gradient checkpointing on) and plain data parallel: every step's
-  global loss and the trained editor weights equal the single-process run's (no checkpointing);
+  global loss, gradient norm and the trained editor weights equal the single-process run's (no checkpointing);
 - gradient checkpointing (editor layers and target layers k..end, non-reentrant) on and off give the same
   full gradients under ZeRO-3, and those equal the single-process gradients;
 - the exported editor loads in one process (``HyperDAS.from_pretrained``) and gives the distributed model's
@@ -89,15 +89,18 @@ def zero3_run(workdir) -> Path:
                        *_common(workdir), processes=2)
 
 
-def _losses(run: Path) -> dict[int, float]:
-    return {int(k): v for k, v in json.loads((run / "losses.json").read_text()).items()}
+def _curves(run: Path) -> dict[str, dict[int, float]]:
+    """{"loss": {step: global loss}, "grad_norm": {step: global gradient norm before clipping}}."""
+    curves = json.loads((run / "losses.json").read_text())
+    return {name: {int(k): v for k, v in values.items()} for name, values in curves.items()}
 
 
 def _assert_same_training(run: Path, reference: Path) -> None:
-    losses, expected = _losses(run), _losses(reference)
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step in expected:
-        assert losses[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
+    curves, expected = _curves(run), _curves(reference)
+    for name in ("loss", "grad_norm"):
+        assert sorted(curves[name]) == list(range(1, STEPS + 1))
+        for step, value in expected[name].items():
+            assert curves[name][step] == pytest.approx(value, rel=1e-5), f"{name} at step {step}"
     weights = load_file(str(run / "export" / "hyperdas.safetensors"))
     reference_weights = load_file(str(reference / "export" / "hyperdas.safetensors"))
     assert sorted(weights) == sorted(reference_weights)
