@@ -97,6 +97,7 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs/smollm2-city"
     save_every: int = 100
+    #: a plain log line every this many steps (for non-interactive logs; the progress bar is live).
     log_every: int = 10
     #: number of test pairs drawn in the selection heatmap.
     heatmap_examples: int = 4

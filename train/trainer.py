@@ -185,6 +185,13 @@ class Trainer:
                 state.history.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
+                if state.step % cfg.log_every == 0 and self.setup.is_main:
+                    left = state.elapsed_seconds / state.step * (total - state.step) if state.step else 0.0
+                    bar.write(
+                        f"step {state.step}/{total}  loss {record['loss']:.4f}  ce {record['ce']:.4f}  "
+                        f"sparsity {record['sparsity_penalty']:.3f} x {record['sparsity_weight']:.2f}  "
+                        f"grad norm {record['grad_norm']:.3f}  {state.elapsed_seconds:.0f} s, ~{left:.0f} s left"
+                    )
                 if state.step % cfg.save_every == 0 and state.step < total:
                     self.save_checkpoint()
         finally:
