@@ -82,6 +82,22 @@ def label_token_ids(tokenizer, prompts: Sequence[str], values: Sequence[str]) ->
     return labels
 
 
+def encode_with_label(
+    tokenizer, prefixes: Sequence[str], suffixes: Sequence[str], values: Sequence[str]
+) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Token ids of each prompt's prefix, its suffix, and the label ``value`` that continues prefix + suffix.
+
+    The one tokenisation of a teacher-forced prompt: the collator's base rows and the filter's verify rows
+    both come from here, so an example is filtered on the very tokens it is trained on.
+    """
+    prompts = [p + s for p, s in zip(prefixes, suffixes, strict=True)]
+    return (
+        encode_texts(tokenizer, prefixes),
+        encode_texts(tokenizer, suffixes),
+        label_token_ids(tokenizer, prompts, values),
+    )
+
+
 def pad_id_of(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
@@ -141,10 +157,9 @@ class Collator:
             raise ValueError("cannot collate an empty batch")
         tok, lead = self.tokenizer, self.lead
         column = {key: [row[key] for row in rows] for key in rows[0]}
-        prefixes = encode_texts(tok, column["input_prefix"])
-        suffixes = encode_texts(tok, column["input_suffix"])
-        prompts = [p + s for p, s in zip(column["input_prefix"], column["input_suffix"], strict=True)]
-        labels = label_token_ids(tok, prompts, [label_value(row) for row in rows])
+        prefixes, suffixes, labels = encode_with_label(
+            tok, column["input_prefix"], column["input_suffix"], [label_value(row) for row in rows]
+        )
         source_prefixes = encode_texts(tok, column["counterfactual_input_prefix"])
         source_suffixes = encode_texts(tok, column["counterfactual_input_suffix"])
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from hyperdas.data.collate import encode_texts, label_tensors, label_token_ids, leading_special_ids, left_pad, pad_id_of
+from hyperdas.data.collate import encode_with_label, label_tensors, leading_special_ids, left_pad, pad_id_of
 from hyperdas.data.examples import label_value
 from hyperdas.metrics import label_exact_match
 
@@ -65,10 +65,10 @@ def filter_examples(
     tokenizer = target.tokenizer
     lead, pad_id = leading_special_ids(tokenizer), pad_id_of(tokenizer)
     parts = [verify_parts(e) for e in examples]
-    prefixes = encode_texts(tokenizer, [p for p, _ in parts])
-    suffixes = encode_texts(tokenizer, [s for _, s in parts])
+    prefixes, suffixes, labels = encode_with_label(
+        tokenizer, [p for p, _ in parts], [s for _, s in parts], [label_value(e) for e in examples]
+    )
     prompts = [lead + p + s for p, s in zip(prefixes, suffixes, strict=True)]
-    labels = label_token_ids(tokenizer, [e["verify_text"] for e in examples], [label_value(e) for e in examples])
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]) + len(labels[i]))
 
     bar = progress if isinstance(progress, tqdm) else tqdm(total=len(examples), unit="ex", disable=not progress)
