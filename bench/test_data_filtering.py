@@ -53,6 +53,10 @@ def test_filter_throughput(benchmark, target, candidates):
     labels = label_token_ids(tok, [e["verify_text"] for e in candidates], [label_value(e) for e in candidates])
     benchmark.extra_info.update(
         {
+            "op": "data_filtering",
+            "case": f"{EMBEDDED_DEFAULT} city Country+Continent, {len(candidates)} candidates",
+            "mode": "no_grad",
+            "path": "logits_at",
             "examples_per_second": len(candidates) / benchmark.stats.stats.mean,
             "examples": len(candidates),
             "batch_size": BATCH_SIZE,
