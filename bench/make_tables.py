@@ -44,6 +44,8 @@ def load_rows(files: list[Path]) -> list[dict]:
     rows = []
     for file in files:
         data = json.loads(file.read_text())
+        if not isinstance(data, dict) or "benchmarks" not in data:
+            continue  # not a pytest-benchmark file (e.g. memory_model.py's predictions)
         device = _device(data.get("machine_info", {}))
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info", {})

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "every other attribute of the domain when only one is requested)",
     )
     parser.add_argument("--target", default=default.target, help="target model: shorthand, folder or hub name")
+    parser.add_argument(
+        "--dtype", default=default.target_dtype, help="dtype the target filters in: float32 (default) or bfloat16"
+    )
     parser.add_argument("--out", default=None, help="folder that holds built datasets (default: the cache)")
     parser.add_argument(
         "--max-examples",
@@ -66,6 +69,7 @@ def request_from_args(args: argparse.Namespace) -> DataRequest:
         attributes=_names(args.attributes),
         isolate_attributes=isolate,
         target=args.target,
+        target_dtype=args.dtype,
         max_examples=args.max_examples,
         test_share=args.test_share,
         seed=args.seed,

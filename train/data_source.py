@@ -40,6 +40,7 @@ def data_request(config: RunConfig) -> DataRequest:
         attributes=tuple(data.attributes),
         isolate_attributes=tuple(data.isolate_attributes) if data.isolate_attributes else None,
         target=config.model.target,
+        target_dtype=config.model.torch_dtype,
         max_examples=data.max_examples,
         test_share=data.test_share,
         seed=config.seed,

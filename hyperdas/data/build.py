@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from hyperdas.cache import cache_root
@@ -68,6 +69,8 @@ class DataRequest:
         isolate_attributes: the attributes isolate examples query; None: the other requested attributes
             (or every other attribute with values when only one is requested).
         target: the target model's name (``load_target``'s argument); part of the cache key.
+        target_dtype: the dtype the target filters in ("float32", "bfloat16", ...): near-ties of the argmax
+            can differ between dtypes, so a bf16 run never reuses data an fp32 target filtered.
         max_examples: kept examples over both splits together (an upper bound: a kind whose pool or
             candidate budget runs out keeps fewer).
         test_share: the share of ``max_examples`` that goes to the test split.
@@ -82,6 +85,7 @@ class DataRequest:
     attributes: tuple[str, ...] = ("Country", "Continent")
     isolate_attributes: tuple[str, ...] | None = None
     target: str = EMBEDDED_DEFAULT
+    target_dtype: str = "float32"
     max_examples: int = 800
     test_share: float = 0.2
     seed: int = 0
@@ -94,6 +98,8 @@ class DataRequest:
         if len(set(self.attributes)) != len(self.attributes):
             raise ValueError(f"attributes repeat: {list(self.attributes)}")
         check_sources(self.sources)
+        if self.target_dtype not in _DTYPES:
+            raise ValueError(f"target_dtype {self.target_dtype!r}; allowed: {list(_DTYPES)}")
         if self.max_examples < 1:
             raise ValueError(f"max_examples must be at least 1, got {self.max_examples}")
         if not 0.0 <= self.test_share < 1.0:
@@ -118,6 +124,9 @@ class DataRequest:
             for i, (attribute, kind) in enumerate(kinds):
                 shares[(split, attribute, kind)] = base + (i < extra)
         return shares
+
+
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def dataset_folder(request: DataRequest, root: str | Path | None = None) -> Path:
@@ -223,9 +232,11 @@ def build_dataset(
     if target is None:
         from hyperdas.targets import load_target
 
-        target = load_target(request.target, device=device)
+        target = load_target(request.target, dtype=getattr(torch, request.target_dtype), device=device)
     if target.name != request.target:
         raise ValueError(f"the target is {target.name!r} but the request names {request.target!r}")
+    if target.dtype != getattr(torch, request.target_dtype):
+        raise ValueError(f"the target runs in {target.dtype} but the request names {request.target_dtype!r}")
 
     start = time.perf_counter()
     kinds = _filter_to_shares(request, target, batch_size, progress)

@@ -179,3 +179,14 @@ def test_the_embedded_default_builds_examples_it_knows(smollm2, data_cache):
     assert all(r["kept"] <= r["passed"] <= r["total"] for r in report["rows"])
     rows = data["train"].to_list() + data["test"].to_list()
     assert filter_examples(smollm2, rows, progress=False) == [True] * len(rows)
+
+
+def test_the_target_dtype_is_part_of_the_request(smollm2, tmp_path):
+    fp32 = DataRequest(max_examples=8)
+    bf16 = DataRequest(max_examples=8, target_dtype="bfloat16")
+    assert fp32.key() != bf16.key()  # a bf16 run never reuses what an fp32 target filtered
+    oracle = OracleTarget(smollm2.tokenizer, name=fp32.target)
+    with pytest.raises(ValueError, match=r"runs in torch.float32 but the request names 'bfloat16'"):
+        build_dataset(bf16, oracle, root=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"target_dtype 'int8'; allowed"):
+        DataRequest(target_dtype="int8").validate()

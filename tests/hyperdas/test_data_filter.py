@@ -17,6 +17,7 @@ class OracleTarget:
     def __init__(self, tokenizer, blind: set[int] = frozenset(), name: str = "oracle"):
         self.tokenizer, self.blind, self.name = tokenizer, set(blind), name
         self.device = torch.device("cpu")
+        self.dtype = torch.float32
         self.calls = 0
         self.vocab = len(tokenizer)
 

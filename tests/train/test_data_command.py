@@ -20,6 +20,7 @@ class _KnowItAll:
 
     name = "oracle"
     device = torch.device("cpu")
+    dtype = torch.float32
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
