@@ -72,7 +72,7 @@ def test_build_then_reuse(smollm2, data_cache, monkeypatch, capsys):
 
 
 def test_out_folder(smollm2, data_cache, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, device=None: _KnowItAll(smollm2.tokenizer))
+    monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, dtype=None, device=None: _KnowItAll(smollm2.tokenizer))
     out_dir = tmp_path / "mine"
     assert cli.main(["data", "--target", "oracle", "--max-examples", "4", "--quiet", "--out", str(out_dir)]) == 0
     assert f"data: {out_dir}/city-" in capsys.readouterr().out
@@ -97,7 +97,7 @@ def test_bad_options_exit_2_with_the_message(argv, message, data_cache, capsys):
 
 
 def test_zero_examples_exit_2_with_the_counts(tiny_target, data_cache, monkeypatch, capsys):
-    monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, device=None: tiny_target)
+    monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, dtype=None, device=None: tiny_target)
     argv = ["data", "--target", tiny_target.name, "--max-examples", "4", "--quiet"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
