@@ -72,7 +72,8 @@ def test_build_then_reuse(smollm2, data_cache, monkeypatch, capsys):
 
 
 def test_out_folder(smollm2, data_cache, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, dtype=None, device=None: _KnowItAll(smollm2.tokenizer))
+    know_it_all = _KnowItAll(smollm2.tokenizer)
+    monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, dtype=None, device=None: know_it_all)
     out_dir = tmp_path / "mine"
     assert cli.main(["data", "--target", "oracle", "--max-examples", "4", "--quiet", "--out", str(out_dir)]) == 0
     assert f"data: {out_dir}/city-" in capsys.readouterr().out
