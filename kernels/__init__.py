@@ -4,20 +4,7 @@ The drop-in modules and functional forms are re-exported here from hyperdas.kern
 intervention lives in hyperdas.kernels.pyvene_intervention (it needs pyvene, so it is not imported here).
 """
 
-from hyperdas.kernels.modules import (
-    Interchange,
-    NormalizedCrossAttention,
-    SelectionHead,
-    interchange,
-    normalized_cross_attention,
-    selection_head,
-)
+from hyperdas.kernels import modules
+from hyperdas.kernels.modules import *  # noqa: F403 (the public names are modules.__all__)
 
-__all__ = [
-    "Interchange",
-    "NormalizedCrossAttention",
-    "SelectionHead",
-    "interchange",
-    "normalized_cross_attention",
-    "selection_head",
-]
+__all__ = modules.__all__
