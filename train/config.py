@@ -27,12 +27,12 @@ class DataConfig:
     is the model's and whose seed is the run's)."""
 
     domain: str = "city"
-    #: attributes to localise (causal examples); isolate examples query the others.
-    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
-    #: attributes isolate examples query; None = the other requested ones.
-    isolate_attributes: list[str] | None = None
+    #: attributes to localise (causal examples).
+    attributes: list[str] = field(default_factory=lambda: ["Continent"])
+    #: attributes isolate examples query; None = the other requested ones (or all others, when one is).
+    isolate_attributes: list[str] | None = field(default_factory=lambda: ["Country"])
     #: kept (filtered) examples over both splits together.
-    max_examples: int = 4000
+    max_examples: int = 1200
     #: share of max_examples in the test split (held-out templates).
     test_share: float = 0.2
     #: source contexts: "template" (the domain's templates) and/or "wikipedia".
@@ -45,7 +45,7 @@ class DataConfig:
 class OptimConfig:
     """AdamW with three learning rates (METHOD.md, Training). Paper (Llama-3-8B): 4e-5 / 1e-3 / 1e-2."""
 
-    editor_lr: float = 4e-5
+    editor_lr: float = 5e-4
     rotation_lr: float = 1e-3
     mask_lr: float = 1e-2
     weight_decay: float = 0.01
@@ -81,7 +81,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    epochs: int = 5
+    epochs: int = 4
     #: stop after this many optimizer steps (None = epochs decide).
     max_steps: int | None = None
     #: counterfactual pairs per optimizer step, whatever the number of processes.
