@@ -23,6 +23,7 @@ setup(
         "torch>=2.4",
         "transformers>=4.56",
         "gguf>=0.10",
+        "accelerate",  # transformers needs it to load the embedded default's GGUF
         "safetensors",
         "datasets>=3.0",
         "triton>=3.1",
