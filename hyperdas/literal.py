@@ -99,6 +99,11 @@ def literal_four_pass_forward(
     model: HyperDAS, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's step, literally: returns (loss, logits at the label positions (B, P, V))."""
+    with model.precision_context(batch["base_input_ids"].device):
+        return _literal_four_pass(model, batch, mode, loss_weights)
+
+
+def _literal_four_pass(model, batch, mode, loss_weights):
     k = model.config.intervention_layer
     base_ids, base_att = batch["base_input_ids"], batch["base_attention_mask"]
     src_ids, src_att = batch["source_input_ids"], batch["source_attention_mask"]

@@ -13,6 +13,7 @@ No (B, D, D) and no (B, Ts, Tb, D) tensor is ever made.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,12 +186,15 @@ class HyperDAS(nn.Module):
         With a bf16/fp16 target the forward runs under autocast to the target's dtype (the trained parts
         keep fp32 masters), unless the caller already enabled autocast.
         """
-        device = batch["base_input_ids"].device
+        with self.precision_context(batch["base_input_ids"].device):
+            return self._forward(batch, mode, loss_weights)
+
+    def precision_context(self, device: torch.device):
+        """Autocast to a bf16/fp16 target's dtype (trained parts stay fp32), unless autocast is already on."""
         low_precision = self.target.dtype in (torch.bfloat16, torch.float16)
         if low_precision and not torch.is_autocast_enabled(device.type):
-            with torch.autocast(device.type, dtype=self.target.dtype):
-                return self._forward(batch, mode, loss_weights)
-        return self._forward(batch, mode, loss_weights)
+            return torch.autocast(device.type, dtype=self.target.dtype)
+        return contextlib.nullcontext()
 
     def _forward(self, batch: dict, mode: str, loss_weights: LossWeights | None) -> HyperDASOutput:
         k = self.config.intervention_layer
