@@ -23,7 +23,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from hyperdas.config import HyperDASConfig
 from hyperdas.model import LossWeights
-from hyperdas.train.config import RunConfig
+from hyperdas.train.config import OptimConfig, RunConfig
 
 TB, TS, TE, P = 9, 7, 5, 3  # base, source, instruction lengths; label tokens per example
 LOSS_WEIGHTS = LossWeights(causal=3.5, isolate=0.5, sparsity=0.5)
@@ -80,6 +80,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     )
     return RunConfig(
         model=model,
+        # the paper's editor lr, pinned: Adam turns 1e-9 gradient differences on near-zero gradients into
+        # O(lr) weight differences, so the weight tolerances below are set for this lr, not the main job's
+        optim=OptimConfig(editor_lr=4e-5),
         global_batch_size=args.global_batch,
         micro_batch_size=args.micro_batch,
         precision="fp32",
