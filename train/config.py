@@ -27,10 +27,10 @@ class DataConfig:
     is the model's and whose seed is the run's)."""
 
     domain: str = "city"
-    #: attributes to localise (causal examples).
-    attributes: list[str] = field(default_factory=lambda: ["Continent"])
+    #: attributes to localise (causal examples). The main job (smollm2_city.yaml) localises Continent alone.
+    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
     #: attributes isolate examples query; None = the other requested ones (or all others, when one is).
-    isolate_attributes: list[str] | None = field(default_factory=lambda: ["Country"])
+    isolate_attributes: list[str] | None = None
     #: kept (filtered) examples over both splits together.
     max_examples: int = 1200
     #: share of max_examples in the test split (held-out templates).
