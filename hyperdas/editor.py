@@ -46,7 +46,9 @@ class RunKeys:
         """states: (B, T, N, D); attention_mask: (B, T); intervention_mask: (B, T) bool."""
         b, t, n, d = states.shape
         flat = states.reshape(b, t * n, d)
-        inv_norm = flat.float().norm(dim=-1).clamp_min(1e-12).reciprocal()
+        # half-precision states accumulate in fp32 without materialising an fp32 copy of (B, S, D)
+        wide = torch.float32 if flat.dtype in (torch.bfloat16, torch.float16) else None
+        inv_norm = torch.linalg.vector_norm(flat, dim=-1, dtype=wide).float().clamp_min(1e-12).reciprocal()
         layer_index = torch.arange(n, device=states.device)
         positions = (position_ids_from_mask(attention_mask)[:, :, None] * n + layer_index).reshape(b, t * n)
         mask = intervention_mask.bool()[:, :, None].expand(b, t, n).reshape(b, t * n)
