@@ -149,12 +149,10 @@ def _train(args: argparse.Namespace) -> int:
 
     from hyperdas.train.config import load_run_config
     from hyperdas.train.deepspeed_engine import DeepSpeedSetup
-    from hyperdas.train.trainer import RUN_CONFIG_FILE, Trainer
+    from hyperdas.train.trainer import Trainer, deepspeed_json_of
 
     config = load_run_config(args.config, args.overrides)
-    ds_path = args.deepspeed or config.deepspeed
-    if config.resume and ds_path is None:
-        ds_path = load_run_config(Path(config.resume) / RUN_CONFIG_FILE).deepspeed
+    ds_path = args.deepspeed or deepspeed_json_of(config)
     if ds_path is None:
         raise ValueError(
             "no DeepSpeed config: pass --deepspeed (train/configs/zero3.json, zero3_offload.json, zero2.json or "

@@ -20,23 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _deepspeed_json(config) -> str | None:
-    """The DeepSpeed JSON of this run, or of the run it resumes."""
-    from pathlib import Path
-
-    from hyperdas.train.trainer import RUN_CONFIG_FILE
-
-    if config.deepspeed or not config.resume:
-        return config.deepspeed
-    saved = Path(config.resume) / RUN_CONFIG_FILE
-    return load_run_config(saved).deepspeed if saved.is_file() else None
-
-
 def run(args: argparse.Namespace) -> int:
-    from hyperdas.train.trainer import Trainer
+    from hyperdas.train.trainer import Trainer, deepspeed_json_of
 
     config = load_run_config(args.config, args.overrides)
-    if _deepspeed_json(config):
+    if deepspeed_json_of(config):
         # a DeepSpeed run on one process: the same entry point as torchrun / deepspeed use
         from hyperdas.train.launch import main as launch_main
 

@@ -295,6 +295,13 @@ class Trainer:
         return result.metrics
 
 
+def deepspeed_json_of(config: RunConfig) -> str | None:
+    """The DeepSpeed JSON a run uses: its own, or (resuming) the one the resumed run was started with."""
+    if config.deepspeed or not config.resume:
+        return config.deepspeed
+    return _resumed_config(config).deepspeed
+
+
 def _resumed_config(config: RunConfig) -> RunConfig:
     """The config a run folder was started with; `resume=DIR` continues it (same data, same order)."""
     folder = Path(config.resume)
