@@ -321,6 +321,7 @@ def measure_states() -> dict:
         editor_source,
         enable_zero3_construction,
         init_distributed,
+        leave_distributed,
         model_state_bytes,
         resolve_ds_config,
     )
@@ -359,7 +360,8 @@ def measure_states() -> dict:
     }
     predicted = model_state_bytes(counts, ds, world)
     predicted.pop("gathered")
-    dist.destroy_process_group()
+    del engine, inner, model
+    leave_distributed()
     return {"world_size": world, "rank": rank, "measured": measured, "predicted": predicted}
 
 

@@ -14,6 +14,7 @@ fills the JSON's ``"auto"`` values from the run config and refuses any value tha
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 from contextlib import nullcontext
@@ -484,6 +485,26 @@ def init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def leave_distributed() -> None:
+    """Leave the process group cleanly, once per process, after the last collective (no-op if never joined).
+
+    Every process first meets the others at a barrier, then DeepSpeed's own destroy both destroys every
+    torch process group and drops DeepSpeed's module-level references to them (its clone of the world group
+    above all). ``torch.distributed.destroy_process_group`` alone leaves that clone alive until interpreter
+    teardown, where gloo can abort the finished process ("terminate called without an active exception",
+    exit -6) and the launcher then kills its peers. Drop your own references to the engine before calling, and
+    do not call it after an error on this process: its peers may be inside a collective it will never join.
+    """
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    gc.collect()  # engine objects in reference cycles may still hold process groups
+    ds_comm.destroy_process_group()
 
 
 class DeepSpeedSetup:

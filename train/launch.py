@@ -145,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
     from hyperdas.train.config import load_run_config
-    from hyperdas.train.deepspeed_engine import DeepSpeedSetup
+    from hyperdas.train.deepspeed_engine import DeepSpeedSetup, leave_distributed
     from hyperdas.train.trainer import Trainer, deepspeed_json_of
 
     config = load_run_config(args.config, args.overrides)
@@ -162,20 +160,26 @@ def _train(args: argparse.Namespace) -> int:
     single_process_environment()
     setup = DeepSpeedSetup(ds_path)
     trainer = Trainer(config, setup)
+    out_dir = trainer.out_dir
+    interrupted = None
     try:
         metrics = trainer.run()
     except KeyboardInterrupt as stop:
+        # every process was interrupted and saved its part of the checkpoint, so all can still leave together
+        interrupted = str(stop)
+    # On any other error, no clean leave: peers may wait in a collective this process will never join (a barrier
+    # or a destroy would hang); the launcher stops them.
+    del trainer  # the engine's process-group references must go before the groups are destroyed
+    leave_distributed()
+    if interrupted is not None:
         if setup.is_main:
-            print(f"train/launch.py: {stop}; continue with the same command and resume={trainer.out_dir}")
+            print(f"train/launch.py: {interrupted}; continue with the same command and resume={out_dir}")
         return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     if setup.is_main:
         from hyperdas.report import metrics_table
 
         print(metrics_table(metrics))
-        print(f"\nrun folder: {trainer.out_dir} (report.md, metrics.json, model/, checkpoints/)")
+        print(f"\nrun folder: {out_dir} (report.md, metrics.json, model/, checkpoints/)")
     return 0
 
 

@@ -131,7 +131,7 @@ def full_grads(engine) -> dict[str, torch.Tensor]:
     return {n: safe_get_full_grad(p).clone() for n, p in engine.model.trainable_named_parameters()}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engine", choices=["plain", "deepspeed"], required=True)
     parser.add_argument("--ds", default=None, help="DeepSpeed JSON (deepspeed engine)")
@@ -143,7 +143,11 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--grads", action="store_true", help="write grads.pt (checkpointing off, then on)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def work(args: argparse.Namespace) -> None:
+    """Train, export and evaluate (or write the gradients) as the arguments say."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.use_deterministic_algorithms(True)
@@ -169,7 +173,6 @@ def main() -> None:
             engine.step()
         if engine.is_main:
             torch.save({"off": grads[False], "on": grads[True]}, out / "grads.pt")
-        engine.barrier()
         return
 
     losses, norms = {}, {}
@@ -196,9 +199,14 @@ def main() -> None:
         output = engine.forward(batch, loss_weights=LOSS_WEIGHTS)
     if engine.is_main:
         torch.save({"loss": output.loss, "logits": output.logits, "selection": output.selection}, out / "eval.pt")
-    engine.barrier()
-    if engine.world_size > 1:
-        dist.destroy_process_group()
+
+
+def main() -> None:
+    work(parse_args())
+    if dist.is_initialized():  # after `work` returned, so no engine is left holding a process group
+        from hyperdas.train.deepspeed_engine import leave_distributed
+
+        leave_distributed()
 
 
 if __name__ == "__main__":

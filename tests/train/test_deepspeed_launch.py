@@ -174,3 +174,30 @@ def test_zero3_run_killed_after_step_2_resumes_to_the_same_losses(setup, zero3_r
     weights = load_file(str(killed / "model" / "hyperdas.safetensors"))
     for name, value in load_file(str(zero3_run / "model" / "hyperdas.safetensors")).items():
         torch.testing.assert_close(weights[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+LEAVE_SCRIPT = """
+import json
+import torch.distributed as dist
+from deepspeed.utils import groups
+from hyperdas.train.deepspeed_engine import init_distributed, leave_distributed
+
+init_distributed()
+groups._clone_world_group()  # what ZeRO does for its data-parallel group
+before = groups._WORLD_GROUP is not None
+leave_distributed()
+print(json.dumps({"clone_before": before, "clone_after": groups._WORLD_GROUP is not None,
+                  "initialized_after": dist.is_initialized()}))
+"""
+
+
+def test_leaving_drops_deepspeeds_group_references(setup):
+    """torch's destroy alone keeps DeepSpeed's clone of the world group alive into interpreter teardown, where gloo
+    can abort a finished process (exit -6); `leave_distributed` must destroy the groups and drop that clone."""
+    env = dict(setup["env"], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    result = subprocess.run([sys.executable, "-c", LEAVE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    assert state == {"clone_before": True, "clone_after": False, "initialized_after": False}
