@@ -82,9 +82,10 @@ def weighted_label_loss(
 ) -> torch.Tensor:
     """Mean over the batch of w_b · (mean CE over example b's label tokens), w = causal or isolate weight."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; float64 stays
-    per_token = F.cross_entropy(
-        logits.transpose(1, 2), label_ids, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (B, P)
+    batch, positions, vocab = logits.shape
+    per_token = F.cross_entropy(  # on (B·P, V) rows: the (B, V, P) layout runs ~6x slower on CPU
+        logits.reshape(batch * positions, vocab), label_ids.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(batch, positions)
     counts = (label_ids != IGNORE_INDEX).sum(dim=1).clamp_min(1)
     per_example = per_token.sum(dim=1) / counts
     example_weight = torch.where(is_causal.bool(), weights.causal, weights.isolate).to(per_example.dtype)

@@ -8,10 +8,13 @@ import torch
 from hyperdas.targets import (
     UnsupportedTargetError,
     architecture_of,
+    attention_kernel_for,
+    build_random_target,
     embedded_default_folder,
     load_target,
     position_ids_from_mask,
 )
+from hyperdas.testing import tiny_llama_config
 
 
 def _left_padded_batch(tokenizer, texts):
@@ -85,6 +88,42 @@ def test_checkpointed_layers_give_the_same_gradients(tiny_target_f64):
         tiny_target_f64.run_from_layer(h, 1, mask, last, checkpoint_layers=flag).square().sum().backward()
         grads.append(h.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_eager_kernel_equals_sdpa_states_logits_and_gradients(smollm2, dtype):
+    """"auto" runs HF's eager attention on CPU (faster there); it must equal torch SDPA on a left-padded batch."""
+    target = build_random_target(tiny_llama_config(len(smollm2.tokenizer)), tokenizer=smollm2.tokenizer, dtype=dtype)
+    ids, mask = _left_padded_batch(target.tokenizer, TEXTS)
+    end = ids.shape[1] - 1
+    earlier = torch.where(mask[:, end - 2].bool(), end - 2, end)  # logits at real tokens only
+    last = torch.stack([earlier, torch.full_like(earlier, end)], dim=1)  # (B, 2)
+    results = {}
+    for kernel in ("auto", "sdpa"):
+        target.attention = kernel
+        states = target.hidden_states(ids, mask)
+        assert target.config._attn_implementation == ("eager" if kernel == "auto" else "sdpa")
+        h = states[:, :, 1].clone().requires_grad_(True)
+        logits = target.run_from_layer(h, 1, mask, last)
+        logits.float().square().mean().backward()
+        results[kernel] = (states, logits, h.grad)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    real = mask.bool()
+    (states, logits, grad), (states_ref, logits_ref, grad_ref) = results["auto"], results["sdpa"]
+    torch.testing.assert_close(states[real], states_ref[real], **tol)  # padding positions hold no meaning
+    torch.testing.assert_close(logits, logits_ref, **tol)
+    torch.testing.assert_close(grad, grad_ref, **tol)  # all of it: padding positions must get none in both
+    assert grad[~real].abs().max() == 0 and grad[real].abs().max() > 0
+
+
+def test_attention_kernel_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_kernel_for(cpu, torch.bfloat16) == "eager"
+    assert attention_kernel_for(cpu, torch.float64) == "sdpa"  # eager's float32 softmax would lose float64
+    assert attention_kernel_for(cuda, torch.bfloat16) == "sdpa"
+    assert attention_kernel_for(cpu, torch.float32, "sdpa") == "sdpa"
+    with pytest.raises(ValueError, match=r"unknown attention kernel 'flash'.*'auto', 'sdpa', 'eager'"):
+        attention_kernel_for(cpu, torch.float32, "flash")
 
 
 def test_layer_out_of_range_is_a_clear_error(tiny_target):
