@@ -1,0 +1,170 @@
+"""Matmul work of one HyperDAS training step: the two-pass step against the literal four-pass step.
+
+    python bench/flop_model.py                       # the embedded default as benchmarked, and Llama-3-8B
+    python bench/flop_model.py --model llama3-8b --seq-len 64 --batch 16 --intervention-layer 15
+
+The ratio four-pass / two-pass of this count is the speed-up the two-pass design can give when matmuls set the
+time; bench/test_training_step.py measures the real one. Multiply-accumulates (MACs) of every matmul, per step:
+
+target layer forward, per token at length T (D hidden, H / Hkv heads of hd, F MLP width):
+    D·(H + 2·Hkv)·hd + H·hd·D + 3·D·F  (projections, SwiGLU)  +  2·T·H·hd  (scores, weighted sum)
+target layer backward: the target is frozen, so only input gradients: the projections once more, attention
+    twice (dQ, dK, dV, dP);
+LM head: D·V per token, forward; its backward (input gradient) the same;
+editor layer on Te instruction tokens: self-attention and MLP as above at length Te, and two cross-attentions
+    whose keys and values are projected from all T·N states of a run (2·D·Hkv·hd per state token) and
+    attended by every query (2·T·N·H·hd per query token); it trains, so its backward is twice the forward,
+    except for the state projections (weight gradient only: the states take none).
+
+two-pass:  one no-grad pass over base and source (2B sequences, every layer, no LM head); layers k..end on the
+           patched base with grad; the LM head at the P label positions only.
+four-pass: three no-grad full passes (base, source, source again) with the LM head on every token; the patched
+           base from the embeddings with the LM head on every token, backward through layers k..end and
+           through the LM head on every token; W_k applied to every (source, base) pair (B, Ts, Tb, D) in the
+           selection head; the projector W Wᵀ (B, D, D) built and applied.
+Both: the editor. Left out (both paths, or small): norms, RoPE, softmax, the selection head, the subspace MLP,
+elementwise work (the four-pass's Aᵀ S as a (B, Ts, Tb, D) product is memory traffic, not a matmul), the
+optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """One training step's shapes. batch: B pairs; seq_len: T; instruction_len: Te; label_tokens: P;
+    editor_layers: L; rank: r; intervention_layer: k."""
+
+    batch: int
+    seq_len: int
+    instruction_len: int
+    label_tokens: int
+    editor_layers: int
+    rank: int
+    intervention_layer: int
+
+
+#: the shapes bench/test_training_step.py times (T: the mean of base 22 and source 20), and the paper's setting
+#: (L=8, r=128, k=15; T=64 as the issue's kernel shapes; Te=12, an instruction "Vienna ; Paris - Country").
+CASES: dict[str, tuple[str, StepShape]] = {
+    "smollm2-135m B=16 (bench)": ("smollm2-135m", StepShape(16, 21, 12, 2, 2, 32, 10)),
+    "llama3-8b B=16 T=64 (paper)": ("llama3-8b", StepShape(16, 64, 12, 3, 8, 128, 15)),
+}
+
+
+def _dims(config) -> dict[str, int]:
+    heads = config.num_attention_heads
+    return dict(
+        D=config.hidden_size, F=config.intermediate_size, V=config.vocab_size, layers=config.num_hidden_layers,
+        H=heads, Hkv=getattr(config, "num_key_value_heads", None) or heads,
+        hd=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
+def step_macs(config, shape: StepShape) -> dict[str, dict[str, float]]:
+    """MACs of one step, by part, for both paths: {"two_pass": {...}, "four_pass": {...}}."""
+    d = _dims(config)
+    D, F, V, H, Hkv, hd, n_layers = d["D"], d["F"], d["V"], d["H"], d["Hkv"], d["hd"], d["layers"]
+    B, T, Te, P, L, r, k = (shape.batch, shape.seq_len, shape.instruction_len, shape.label_tokens,
+                            shape.editor_layers, shape.rank, shape.intervention_layer)
+    projections = D * (H + 2 * Hkv) * hd + H * hd * D + 3 * D * F  # per token
+    attention = 2 * T * H * hd  # per token at length T
+
+    def layers_fwd(sequences: int, count: int) -> float:
+        return sequences * T * count * (projections + attention)
+
+    def layers_bwd(sequences: int, count: int) -> float:
+        return sequences * T * count * (projections + 2 * attention)
+
+    states = T * (n_layers + 1)  # key tokens of one run for the editor's cross-attention
+    instruction_side = Te * (projections + 2 * Te * H * hd) + 2 * Te * 2 * H * hd * D  # self-attn, MLP, cross q/o
+    state_projections = 2 * states * 2 * D * Hkv * hd  # keys and values of both runs' states
+    cross_scores = 2 * Te * 2 * states * H * hd
+    # backward: inputs and weights on the instruction side (2x) and in attention (dQ, dK, dV, dP: 2x); the states
+    # take no gradient, so their projections need only the weight gradient (1x)
+    editor = B * L * (3 * instruction_side + 2 * state_projections + 3 * cross_scores)
+    # selection head, D x D projections W1, W2, W_k, W_q, trained: weight gradients for every projected token,
+    # input gradients except where the input is a (no-grad) state. Two-pass: per token, W1 b̂, W2 ŝ, W_k b̂ and
+    # W_k on W1 b̂ and W2 ŝ (input grads for the last two) and W_q e: (5T + 1) + (5T + 1) + (2T + 1) token-D².
+    # Literal: W_k on every (source, base) pair (B, Ts, Tb, D): (3T + T² + 1) + (3T + T² + 1) + (T² + 1).
+    scores = 3 * B * (T + 1) * T * D  # q · keys per head over Ts + 1 rows, and its two gradients
+    selection_two = B * (12 * T + 3) * D * D + scores
+    selection_four = B * (3 * T * T + 6 * T + 3) * D * D + scores
+    after_k = n_layers - k
+    two = {
+        "no-grad pass (base+source)": layers_fwd(2 * B, n_layers),
+        "grad pass k..end, fwd+bwd": layers_fwd(B, after_k) + layers_bwd(B, after_k),
+        "LM head (label positions), fwd+bwd": 2 * B * P * D * V,
+        "editor, fwd+bwd": editor,
+        "selection head (per token), fwd+bwd": selection_two,
+        "interchange Aᵀ S and W, fwd+bwd": 3 * B * (T * T * D + 2 * T * D * r),
+    }
+    four = {
+        "3 no-grad full passes": 3 * layers_fwd(B, n_layers),
+        "3 LM heads (every token)": 3 * B * T * D * V,
+        "patched pass 0..end fwd, k..end bwd": layers_fwd(B, n_layers) + layers_bwd(B, after_k),
+        "its LM head (every token), fwd+bwd": 2 * B * T * D * V,
+        "editor, fwd+bwd": editor,
+        "selection head (per pair), fwd+bwd": selection_four,
+        "projector W Wᵀ (B, D, D), built and applied, fwd+bwd": 3 * B * (D * D * r + T * D * D),
+    }
+    return {"two_pass": two, "four_pass": four}
+
+
+def report(cases: dict[str, tuple[str, StepShape]]) -> list[dict]:
+    from memory_model import PRESETS
+    from memory_model import target_config as preset_config
+
+    from hyperdas.targets import target_config
+
+    rows = []
+    for name, (model, shape) in cases.items():
+        config = preset_config(model) if model in PRESETS else target_config(model)
+        macs = step_macs(config, shape)
+        two, four = sum(macs["two_pass"].values()), sum(macs["four_pass"].values())
+        editor = macs["two_pass"]["editor, fwd+bwd"]
+        rows.append({
+            "case": name, "model": model, "shape": asdict(shape), "macs": macs,
+            "two_pass_gmacs": two / 1e9, "four_pass_gmacs": four / 1e9, "ratio": four / two,
+            "ratio_without_editor": (four - editor) / (two - editor),
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="preset (llama3-8b, tiny), smollm2-135m, hub name or folder")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--instruction-len", type=int, default=12)
+    parser.add_argument("--label-tokens", type=int, default=3)
+    parser.add_argument("--editor-layers", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--intervention-layer", type=int, default=15)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    cases = CASES
+    if args.model is not None:
+        shape = StepShape(args.batch, args.seq_len, args.instruction_len, args.label_tokens, args.editor_layers,
+                          args.rank, args.intervention_layer)
+        cases = {args.model: (args.model, shape)}
+    rows = report(cases)
+    for row in rows:
+        print(f"\n{row['case']}: four-pass / two-pass = {row['ratio']:.2f} "
+              f"({row['ratio_without_editor']:.2f} without the shared editor)")
+        for path in ("two_pass", "four_pass"):
+            print(f"  {path}: {row[path + '_gmacs']:.1f} GMAC")
+            for part, value in row["macs"][path].items():
+                print(f"    {part:56s} {value / 1e9:9.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
