@@ -117,14 +117,11 @@ def step_macs(config, shape: StepShape) -> dict[str, dict[str, float]]:
 
 
 def report(cases: dict[str, tuple[str, StepShape]]) -> list[dict]:
-    from memory_model import PRESETS
-    from memory_model import target_config as preset_config
-
-    from hyperdas.targets import target_config
+    from memory_model import target_config
 
     rows = []
     for name, (model, shape) in cases.items():
-        config = preset_config(model) if model in PRESETS else target_config(model)
+        config = target_config(model)
         macs = step_macs(config, shape)
         two, four = sum(macs["two_pass"].values()), sum(macs["four_pass"].values())
         editor = macs["two_pass"]["editor, fwd+bwd"]

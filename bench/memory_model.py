@@ -86,11 +86,14 @@ class Step:
 
 
 def target_config(model: str):
-    from transformers import AutoConfig, LlamaConfig
+    """A preset's config, else the target's own (the embedded default's shorthand, a hub name or a folder)."""
+    from transformers import LlamaConfig
+
+    from hyperdas.targets import target_config as targets_config
 
     if model in PRESETS:
         return LlamaConfig(**PRESETS[model])
-    return AutoConfig.from_pretrained(model)
+    return targets_config(model)
 
 
 def _counts(model: str, step: Step):
@@ -388,7 +391,8 @@ def report(device_gib: float = 80.0) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama3-8b", help=f"preset {sorted(PRESETS)} or a hub name / folder")
+    parser.add_argument("--model", default="llama3-8b",
+                        help=f"preset {sorted(PRESETS)}, smollm2-135m, or a hub name / folder")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--instruction-len", type=int, default=64)
