@@ -121,13 +121,18 @@ def check_hostfile(path: Path) -> dict[str, int]:
     return hosts
 
 
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def single_process_environment() -> None:
     """Without a launcher, make this process a group of one (rank 0 of 1) on a free local port."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_local_port()
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 

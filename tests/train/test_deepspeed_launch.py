@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from hyperdas.train.launch import free_local_port
+
 pytest.importorskip("deepspeed")
 
 REPO = Path(__file__).parents[2]
@@ -30,12 +31,6 @@ LAUNCH = REPO / "train" / "launch.py"
 DEEPSPEED = [sys.executable, str(Path(sys.executable).with_name("deepspeed"))]
 TIMEOUT_S = 300
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +111,7 @@ def _assert_same_run(run: Path, reference: Path) -> None:
 
 def _torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(_free_port()), str(LAUNCH), *args]
+            str(free_local_port()), str(LAUNCH), *args]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +138,7 @@ def test_torchrun_zero3_matches_hyperdas_train_and_exports_for_hyperdas_eval(set
 def test_deepspeed_launcher_runs_zero2(setup, plain_run):
     # (with --hostfile the launcher reaches every host, localhost included, over passwordless ssh: not in CI)
     out = setup["root"] / "zero2"
-    _run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), str(LAUNCH), "--config",
+    _run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_local_port()), str(LAUNCH), "--config",
           str(setup["config"]), "--deepspeed", str(REPO / "train" / "configs" / "zero2.json"), f"out_dir={out}"],
          setup)
     _assert_same_run(out, plain_run)
@@ -151,7 +146,7 @@ def test_deepspeed_launcher_runs_zero2(setup, plain_run):
 
 def test_missing_hostfile_stops_with_a_clear_message(setup):
     missing = setup["root"] / "no_hostfile"
-    result = _run([*DEEPSPEED, "--hostfile", str(missing), "--num_gpus", "1", "--master_port", str(_free_port()),
+    result = _run([*DEEPSPEED, "--hostfile", str(missing), "--num_gpus", "1", "--master_port", str(free_local_port()),
                    str(LAUNCH), "--config", str(setup["config"]), "--deepspeed", str(setup["root"] / "zero3.json"),
                    f"out_dir={setup['root'] / 'never'}"], setup, expect_ok=False)
     assert result.returncode != 0
@@ -195,7 +190,7 @@ def test_leaving_drops_deepspeeds_group_references(setup):
     """torch's destroy alone keeps DeepSpeed's clone of the world group alive into interpreter teardown, where gloo
     can abort a finished process (exit -6); `leave_distributed` must destroy the groups and drop that clone."""
     env = dict(setup["env"], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_local_port()))
     result = subprocess.run([sys.executable, "-c", LEAVE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from hyperdas.train.launch import free_local_port
 
 pytest.importorskip("deepspeed")
 
@@ -32,12 +33,6 @@ RUN_TIMEOUT_S = 300
 STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_worker(out: Path, *args: str, processes: int) -> Path:
     """Run the worker (torchrun with ``processes`` processes, or plain python for one) and return ``out``."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -45,7 +40,7 @@ def _run_worker(out: Path, *args: str, processes: int) -> Path:
         command = [sys.executable, str(WORKER)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(_free_port()), str(WORKER)]
+                   "--master_port", str(free_local_port()), str(WORKER)]
     result = subprocess.run([*command, "--out", str(out), *args], env=env, capture_output=True, text=True,
                             timeout=RUN_TIMEOUT_S)
     if result.returncode != 0:
