@@ -45,8 +45,8 @@ class HyperDASConfig:
     checkpoint_editor_layers: bool = False
     #: recompute target layers k..end in backward.
     checkpoint_target_layers: bool = False
-    #: target weights' dtype: "float32", "bfloat16" or "float16".
-    torch_dtype: str = "float32"
+    #: target weights' dtype: "bfloat16" (default: the trained parts keep fp32 masters), "float32" or "float16".
+    torch_dtype: str = "bfloat16"
 
     # --- the paper's spelling ---------------------------------------------------------------------
     @property

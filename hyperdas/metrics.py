@@ -23,9 +23,13 @@ from statistics import fmean
 import torch
 
 IGNORE_INDEX = -100
+#: an example is correct when the teacher-forced argmax equals this many first label tokens (fewer if shorter).
+FIRST_LABEL_TOKENS = 3
 
 
-def label_exact_match(logits: torch.Tensor, label_ids: torch.Tensor, first_n: int | None = 3) -> torch.Tensor:
+def label_exact_match(
+    logits: torch.Tensor, label_ids: torch.Tensor, first_n: int | None = FIRST_LABEL_TOKENS
+) -> torch.Tensor:
     """Whether the teacher-forced argmax matches each example's first label tokens exactly.
 
     Args:

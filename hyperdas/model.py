@@ -13,7 +13,6 @@ No (B, D, D) and no (B, Ts, Tb, D) tensor is ever made.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from hyperdas.editor import Editor, RunKeys
 from hyperdas.kernels.interchange import interchange
 from hyperdas.selection import SelectionHead, apply_selection_mode
 from hyperdas.subspace import MaskSelect, build_subspace
-from hyperdas.targets import FrozenTarget, load_target, position_ids_from_mask
+from hyperdas.targets import FrozenTarget, load_target, position_ids_from_mask, precision_context
 
 WEIGHTS_FILE = "hyperdas.safetensors"
 IGNORE_INDEX = -100
@@ -41,6 +40,32 @@ class LossWeights:
     causal: float = 3.5
     isolate: float = 0.5
     sparsity: float = 0.0
+
+
+#: evaluation references beside the selection modes (``HyperDAS.evaluate_batch``)
+FLOOR = "floor"
+CEILING = "ceiling"
+
+
+@dataclass
+class Encoded:
+    """The mode-independent part of a step on one batch.
+
+    Attributes:
+        h: raw base states at layer k (B, Tb, D); s: raw source states at layer k (B, Ts, D).
+        encoding: the editor's encoding e (B, D).
+        soft: the soft selection A (B, Ts+1, Tb), float32.
+        basis: W (B, D, r), (D, r), or None for the whole vector.
+        base_mask, source_mask: (B, Tb), (B, Ts) bool selectable positions.
+    """
+
+    h: torch.Tensor
+    s: torch.Tensor
+    encoding: torch.Tensor
+    soft: torch.Tensor
+    basis: torch.Tensor | None
+    base_mask: torch.Tensor
+    source_mask: torch.Tensor
 
 
 @dataclass
@@ -180,26 +205,49 @@ class HyperDAS(nn.Module):
             return self.target.embed_tokens(ids)
 
     def forward(
-        self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None
+        self,
+        batch: dict,
+        mode: str = "soft",
+        loss_weights: LossWeights | None = None,
+        states: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> HyperDASOutput:
         """One HyperDAS forward on a collated batch (see hyperdas.data.collate for its keys).
+
+        Args:
+            batch: the collated batch.
+            mode: the selection mode (``config.SELECTION_MODES``).
+            loss_weights: per-kind and sparsity weights (default ``LossWeights()``).
+            states: the target's (base (B, Tb, N, D), source (B, Ts, N, D)) states of this batch, e.g. from a
+                ``hyperdas.state_cache.StateCache``; None runs the no-grad target pass.
 
         With a bf16/fp16 target the forward runs under autocast to the target's dtype (the trained parts
         keep fp32 masters), unless the caller already enabled autocast.
         """
         with self.precision_context(batch["base_input_ids"].device):
-            return self._forward(batch, mode, loss_weights)
+            encoded = self.encode(batch, states)
+            selection = self.select(batch, encoded, mode)
+            logits = self.intervene(batch, encoded, selection)
+            penalty = sparsity_penalty(selection)
+            weights = loss_weights or LossWeights()
+            ce = loss = None
+            if "label_ids" in batch:
+                ce = weighted_label_loss(logits, batch["label_ids"], batch["is_causal"], weights)
+                loss = ce + weights.sparsity * penalty
+            return HyperDASOutput(loss, ce, penalty, logits, selection)
 
     def precision_context(self, device: torch.device):
         """Autocast to a bf16/fp16 target's dtype (trained parts stay fp32), unless autocast is already on."""
-        low_precision = self.target.dtype in (torch.bfloat16, torch.float16)
-        if low_precision and not torch.is_autocast_enabled(device.type):
-            return torch.autocast(device.type, dtype=self.target.dtype)
-        return contextlib.nullcontext()
+        return precision_context(self.target.dtype, device)
 
-    def _forward(self, batch: dict, mode: str, loss_weights: LossWeights | None) -> HyperDASOutput:
+    def encode(self, batch: dict, states: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded:
+        """Everything of a step that does not depend on the selection mode: states, encoding, soft A, basis W."""
         k = self.config.intervention_layer
-        base_states, source_states = self.target_states(batch)
+        base_states, source_states = states if states is not None else self.target_states(batch)
+        if base_states.shape[2] != self.target.num_states or source_states.shape[2] != self.target.num_states:
+            raise ValueError(
+                f"states with {base_states.shape[2]} / {source_states.shape[2]} layers given; the editor reads all "
+                f"{self.target.num_states} of the target's (a cache of some layers only cannot feed HyperDAS)"
+            )
         base_mask = batch["base_intervention_mask"].bool()
         source_mask = batch["source_intervention_mask"].bool()
         source_keys = RunKeys.from_states(source_states, batch["source_attention_mask"], source_mask)
@@ -222,26 +270,63 @@ class HyperDAS(nn.Module):
             source_mask,
             use_triton=use_triton,
         )
-        selection = apply_selection_mode(
-            soft, mode, base_mask, source_mask, batch.get("base_entity_last"), batch.get("source_entity_last")
-        )
         rotation = self.subspace.rotation() if self.subspace.rotation is not None else None  # once per step
         basis = self.subspace(encoding, rotation)
-        patched = interchange(h, s, selection, basis, position_mask=base_mask, use_triton=use_triton)
-        logits = self.target.run_from_layer(
+        return Encoded(h, s, encoding, soft, basis, base_mask, source_mask)
+
+    def select(self, batch: dict, encoded: Encoded, mode: str) -> torch.Tensor:
+        """The selection ``mode`` makes of the soft A: (B, Ts+1, Tb)."""
+        return apply_selection_mode(
+            encoded.soft, mode, encoded.base_mask, encoded.source_mask, batch.get("base_entity_last"),
+            batch.get("source_entity_last"),
+        )
+
+    def intervene(
+        self, batch: dict, encoded: Encoded, selection: torch.Tensor | None, full_vector: bool = False
+    ) -> torch.Tensor:
+        """Interchange at layer k with ``selection``, then layers k..end -> label logits (B, P, V).
+
+        ``selection`` None runs the target unpatched (the floor); ``full_vector`` patches the whole vector
+        (W = I) instead of the learned subspace.
+        """
+        k = self.config.intervention_layer
+        if selection is None:
+            patched = encoded.h
+        else:
+            basis = None if full_vector else encoded.basis
+            use_triton = self._use_triton(encoded.h.device)
+            patched = interchange(
+                encoded.h, encoded.s, selection, basis, position_mask=encoded.base_mask, use_triton=use_triton
+            )
+        return self.target.run_from_layer(
             patched,
             k,
             batch["base_attention_mask"],
             batch["label_positions"],
             checkpoint_layers=self.config.checkpoint_target_layers,
-        )  # (B, P, V)
-        penalty = sparsity_penalty(selection)
-        weights = loss_weights or LossWeights()
-        ce = loss = None
-        if "label_ids" in batch:
-            ce = weighted_label_loss(logits, batch["label_ids"], batch["is_causal"], weights)
-            loss = ce + weights.sparsity * penalty
-        return HyperDASOutput(loss, ce, penalty, logits, selection)
+        )
+
+    @torch.no_grad()
+    def evaluate_batch(
+        self, batch: dict, modes: list[str], states: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Label logits of every mode and of the two references, from ONE target pass and ONE editor pass.
+
+        Returns:
+            name -> (logits (B, P, V), selection used or None): each of ``modes``, plus ``FLOOR`` (no
+            intervention: the target's own answer) and ``CEILING`` (the whole vector of the last source entity
+            token patched into the last base entity token: how much cause the layer allows, isolation ignored).
+        """
+        with self.precision_context(batch["base_input_ids"].device):
+            encoded = self.encode(batch, states)
+            out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+            out[FLOOR] = (self.intervene(batch, encoded, None), None)
+            groundtruth = self.select(batch, encoded, "groundtruth")
+            out[CEILING] = (self.intervene(batch, encoded, groundtruth, full_vector=True), groundtruth)
+            for mode in modes:
+                selection = groundtruth if mode == "groundtruth" else self.select(batch, encoded, mode)
+                out[mode] = (self.intervene(batch, encoded, selection), selection)
+            return out
 
     # --- persistence (the trained parts and the config; never the target's weights) ----------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

@@ -199,6 +199,13 @@ class FrozenTarget(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def fingerprint(self) -> str:
+        """``target_fingerprint`` of this target, computed once (its weights never change)."""
+        if "_fingerprint" not in self.__dict__:
+            self.__dict__["_fingerprint"] = target_fingerprint(self)
+        return self.__dict__["_fingerprint"]
+
     def train(self, mode: bool = True) -> FrozenTarget:
         """The target stays in eval mode (no dropout) whatever its owner does."""
         super().train(False)
@@ -286,6 +293,35 @@ class FrozenTarget(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, P, V) of an unmodified run at chosen positions only (used to filter data)."""
         return self.run_from_layer(self.embed_tokens(input_ids), 0, attention_mask, logit_positions)
+
+
+def precision_context(target_dtype: torch.dtype, device: torch.device):
+    """Autocast to a bf16/fp16 target's dtype (trained parts keep fp32 masters), unless autocast is already on."""
+    import contextlib
+
+    if target_dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, dtype=target_dtype)
+    return contextlib.nullcontext()
+
+
+def target_fingerprint(target: FrozenTarget) -> str:
+    """A short hash of a target's config and a sample of its weights: what caches of its outputs are keyed by.
+
+    The name alone is not an identity (a folder can be re-saved with other weights), and hashing every weight
+    would cost seconds; the config plus the first and last values of the embedding table and of the last
+    decoder layer's output projection tell targets apart in practice. A ZeRO-3-partitioned weight (an empty
+    local shard) contributes its shape only.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(target.config.to_json_string(use_diff=False).encode())
+    for weight in (target.embed_tokens.weight, target.layers[-1].mlp.down_proj.weight):
+        flat = weight.detach().reshape(-1)
+        digest.update(str(tuple(weight.shape)).encode())
+        if flat.numel():
+            sample = torch.cat([flat[:2048], flat[-2048:]]).to("cpu", torch.float64)
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def _call_layer(layer, hidden, bias, position_ids, position_embeddings):

@@ -7,6 +7,8 @@ and uneven, left-padded lengths.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
@@ -66,6 +68,45 @@ def make_batch(vocab_size: int, batch: int = 3, tb: int = 9, ts: int = 7, te: in
         "label_positions": label_positions,
         "label_ids": label_ids,
         "base_entity_last": torch.tensor([tb - labels - 2] * batch),
+        "base_entity_first": torch.tensor([tb - labels - 3] * batch),  # two-token entities
         "source_entity_last": torch.tensor([ts - 2] * batch),
+        "source_entity_first": torch.tensor([ts - 3] * batch),
         "is_causal": torch.tensor([b % 2 == 0 for b in range(batch)]),
     }
+
+
+class PlantedTarget:
+    """A stand-in target that knows exactly the prompts naming one of ``known`` entities (a planted "known" set).
+
+    On a row whose text contains a planted entity it predicts every next token right (teacher forcing: the
+    argmax at position p is the token at p + 1); on any other row it predicts token 0, so such prompts are
+    unknown. It counts its forward calls and the rows it saw.
+
+    Args:
+        tokenizer: a real tokenizer (RAVEL text must tokenise as for the embedded default).
+        known: the planted entities; None plants every entity (it knows everything).
+        name: its name, as a request names its target.
+        dtype: the dtype it claims to run in.
+    """
+
+    def __init__(self, tokenizer, known=None, name: str = "planted", dtype: torch.dtype = torch.float32):
+        self.tokenizer, self.name, self.dtype = tokenizer, name, dtype
+        self.known = None if known is None else set(known)
+        self.device = torch.device("cpu")
+        self.calls = 0
+        self.rows_seen = 0
+        self.vocab = len(tokenizer)
+        planted = sorted(self.known) if self.known is not None else "everything"
+        self.fingerprint = hashlib.sha256(f"{name}:{planted}".encode()).hexdigest()[:12]
+
+    def knows(self, text: str) -> bool:
+        return self.known is None or any(entity in text for entity in self.known)
+
+    def logits_at(self, input_ids, attention_mask, positions):
+        self.calls += 1
+        self.rows_seen += input_ids.shape[0]
+        assert attention_mask[:, -1].all(), "rows must be left padded"
+        following = input_ids.gather(1, positions + 1)  # (B, P)
+        texts = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(input_ids, attention_mask, strict=True)]
+        knows = torch.tensor([self.knows(t) for t in texts])[:, None]
+        return torch.nn.functional.one_hot(torch.where(knows, following, 0), self.vocab).float()

@@ -16,28 +16,36 @@ from pathlib import Path
 import yaml
 
 from hyperdas.config import SELECTION_MODES, HyperDASConfig
+from hyperdas.data.build import DataRequest
+from hyperdas.state_cache import STORAGES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "smollm2_city.yaml"
 
 
+_DATA = DataRequest()
+
+
 @dataclass
 class DataConfig:
-    """Which counterfactual data to build (the run's view of hyperdas.data.build.DataRequest, whose target
-    is the model's and whose seed is the run's)."""
+    """Which counterfactual data to build: the run's view of hyperdas.data.build.DataRequest, whose target and
+    dtype are the model's and whose seed is the run's. Defaults are DataRequest's, so a run and `hyperdas data`
+    with the same values share one cached dataset."""
 
-    domain: str = "city"
-    #: attributes to localise (causal examples). The main job (smollm2_city.yaml) localises Continent alone.
-    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
+    domain: str = _DATA.domain
+    #: attributes to localise (causal examples); [all] = every attribute of the domain with enough known prompts.
+    attributes: list[str] = field(default_factory=lambda: list(_DATA.attributes))
     #: attributes isolate examples query; None = the other requested ones (or all others, when one is).
     isolate_attributes: list[str] | None = None
-    #: kept (filtered) examples over both splits together.
-    max_examples: int = 1200
+    #: examples over both splits together.
+    max_examples: int = _DATA.max_examples
     #: share of max_examples in the test split (held-out templates).
-    test_share: float = 0.2
+    test_share: float = _DATA.test_share
     #: source contexts: "template" (the domain's templates) and/or "wikipedia".
-    sources: list[str] = field(default_factory=lambda: ["template", "wikipedia"])
-    #: examples per filtering forward pass.
+    sources: list[str] = field(default_factory=lambda: list(_DATA.sources))
+    #: entities checked per template (the known-prompt universe's size).
+    entities_per_template: int = _DATA.entities_per_template
+    #: prompts per checking forward pass.
     filter_batch_size: int = 64
 
 
@@ -105,10 +113,15 @@ class RunConfig:
     resume: str | None = None
     #: a DeepSpeed JSON config; None = single-process PyTorch.
     deepspeed: str | None = None
+    #: the frozen target's states of the train prompts, computed once and reused every epoch: "auto" (memory,
+    #: else disk, else off, by size), "memory", "disk" or "off" (the target runs every step).
+    state_cache: str = "auto"
 
     def validate(self) -> None:
         """Raise ValueError naming the bad value and what is allowed."""
         self.model.validate()
+        if self.state_cache not in STORAGES:
+            raise ValueError(f"state_cache {self.state_cache!r}; allowed: {list(STORAGES)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision {self.precision!r}; allowed: auto, fp32, bf16")
         unknown = [m for m in self.eval_modes if m not in SELECTION_MODES]

@@ -12,24 +12,36 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hyperdas.cache import cache_root
 from hyperdas.data.build import DataRequest, build_dataset, dataset_folder
 from hyperdas.data.collate import Collator
+from hyperdas.state_cache import StateCache, plan_storage, real_rows
 from hyperdas.targets import FrozenTarget
 from hyperdas.train.config import RunConfig
 
 
 @dataclass
 class RunData:
-    """Train and test splits (datasets.Dataset) and their collator."""
+    """Train and test splits (datasets.Dataset), their collator, and the train split's cached target states."""
 
     train: object
     test: object
     collator: Collator
     folder: Path
+    states: StateCache | None = None
 
     def collate(self, split, indices: list[int]) -> dict:
         """The collated batch of rows ``indices`` of ``split``."""
         return self.collator([split[i] for i in indices])
+
+    def prompt_rows(self, split, indices: list[int], chunk: int = 64) -> list[tuple[int, ...]]:
+        """The real-token rows of the base and source prompts of examples ``indices``, as the collator makes them."""
+        rows = []
+        for start in range(0, len(indices), chunk):
+            batch = self.collate(split, indices[start : start + chunk])
+            rows += real_rows(batch["base_input_ids"], batch["base_attention_mask"])
+            rows += real_rows(batch["source_input_ids"], batch["source_attention_mask"])
+        return rows
 
 
 def data_request(config: RunConfig) -> DataRequest:
@@ -45,6 +57,7 @@ def data_request(config: RunConfig) -> DataRequest:
         test_share=data.test_share,
         seed=config.seed,
         sources=tuple(data.sources),
+        entities_per_template=data.entities_per_template,
     ).validate()
 
 
@@ -67,3 +80,37 @@ def load_run_data(config: RunConfig, target: FrozenTarget, setup) -> RunData:
         setup.barrier()
         dataset = build_dataset(request, target, batch_size=batch)
     return RunData(dataset["train"], dataset["test"], Collator(target.tokenizer), folder)
+
+
+def cache_train_states(data: RunData, target: FrozenTarget, config: RunConfig, setup, examples: list[int]) -> None:
+    """Fill ``data.states`` with the target states of ``examples`` of the train split (this process's shards).
+
+    The storage is sized first (``plan_storage``, ``config.state_cache``) and announced in one line. Every
+    process of a multi-process run takes the same decision (the cache is used only if it fits everywhere) and
+    runs the same number of filling forwards, which a ZeRO-3-partitioned target needs.
+    """
+    rows = data.prompt_rows(data.train, examples)
+    plan = plan_storage(StateCache.bytes_needed(target, rows), config.state_cache, cache_root() / "states")
+    batch = config.data.filter_batch_size
+    unique = len(set(rows))
+    enabled, forwards = plan.storage != "off", -(-unique // batch)
+    if setup.world_size > 1:
+        enabled, forwards = _agree(enabled, forwards, target.device)
+    if setup.is_main:
+        print(f"hyperdas train: {plan.reason}" + ("" if enabled or plan.storage == "off" else
+                                                   " on this process, but not on every one: the cache is off"))
+    if not enabled:
+        return
+    cache = StateCache(target, plan.storage, cache_root() / "states")
+    cache.fill(rows, batch_size=batch, progress=setup.is_main, steps=forwards if setup.world_size > 1 else None)
+    data.states = cache
+
+
+def _agree(enabled: bool, forwards: int, device) -> tuple[bool, int]:
+    """(every process enabled, the most forwards any process needs) over the process group."""
+    import torch
+    import torch.distributed as dist
+
+    values = torch.tensor([0 if enabled else 1, forwards], dtype=torch.long, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return bool(values[0] == 0), int(values[1])

@@ -389,8 +389,14 @@ class DeepSpeedEngine:
         self.micro_batch_size = int(ds_config["train_micro_batch_size_per_gpu"])
         self.grad_accum_steps = int(ds_config["gradient_accumulation_steps"])
 
-    def forward(self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None) -> HyperDASOutput:
-        return self.engine(to_device(batch, self.device), mode=mode, loss_weights=loss_weights)
+    def forward(
+        self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None, states=None
+    ) -> HyperDASOutput:
+        return self.engine(to_device(batch, self.device), mode=mode, loss_weights=loss_weights, states=states)
+
+    def evaluate_batch(self, batch: dict, modes: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        # no backward follows, so the module is called directly; ZeRO-3's hooks gather each submodule's weights
+        return self.model.evaluate_batch(to_device(batch, self.device), modes)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself

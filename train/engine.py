@@ -30,8 +30,13 @@ class TrainingEngine(Protocol):
     micro_batch_size: int
     model: HyperDAS
 
-    def forward(self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None) -> HyperDASOutput:
-        """Run the (possibly wrapped) model on one micro-batch."""
+    def forward(
+        self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None, states=None
+    ) -> HyperDASOutput:
+        """Run the (possibly wrapped) model on one micro-batch (``states``: its cached target states, or None)."""
+
+    def evaluate_batch(self, batch: dict, modes: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """``HyperDAS.evaluate_batch`` on one batch: every mode plus the floor and the ceiling, no gradients."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients of one micro-batch's loss (scaled for accumulation by the engine)."""
@@ -104,15 +109,20 @@ class PlainEngine:
             return torch.bfloat16
         return None
 
-    def forward(self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None) -> HyperDASOutput:
-        batch = to_device(batch, self.device)
-        context = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with context:
-            return self.model(batch, mode=mode, loss_weights=loss_weights)
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward(
+        self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None, states=None
+    ) -> HyperDASOutput:
+        with self._autocast():
+            return self.model(to_device(batch, self.device), mode=mode, loss_weights=loss_weights, states=states)
+
+    def evaluate_batch(self, batch: dict, modes: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        with self._autocast():
+            return self.model.evaluate_batch(to_device(batch, self.device), modes)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps).backward()

@@ -1,12 +1,23 @@
-"""Evaluation on held-out templates in every inference mode, and the run folder's results.
+"""Evaluation on held-out templates in every inference mode, beside the floor and the ceiling, and the results.
 
-Each process evaluates a contiguous shard of the test split (padded to equal length, so every process runs
-the same number of forwards, which a ZeRO-3-partitioned target needs); records are gathered by example index.
+Per test batch the target and the editor run ONCE (``HyperDAS.evaluate_batch``); each mode then only selects,
+patches and runs layers k..end. Beside the modes every report carries, on the same pairs:
+
+- ``floor``: no intervention at all, what doing nothing scores (cause 0 / isolate 100 on known-prompt data);
+- ``ceiling``: the whole vector of the last source entity token patched into the last base entity token, a
+  ceiling on cause at this layer that ignores isolation.
+
+Each mode's summary also says where its selection puts the mass it moves (``selection_stats``): the share
+landing on base entity tokens, the share taken from source entity tokens, and the moved mass itself.
+
+Each process evaluates a contiguous shard of the chosen test examples (padded to equal length, so every process
+runs the same number of forwards, which a ZeRO-3-partitioned target needs); records are gathered by index.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,25 +26,47 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from hyperdas.metrics import label_exact_match, records_from_batch, summarize
+from hyperdas.model import CEILING, FLOOR
 from hyperdas.report import render_report, save_selection_heatmaps
+from hyperdas.selection_stats import selection_stats, summarize_selection
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 HEATMAP_FILE = "selection_heatmap.png"
+REFERENCES = (FLOOR, CEILING)
 
 
 @dataclass
 class Evaluation:
-    """metrics: {mode: summarize(...)}; heatmaps: soft selections of the first test pairs, with their tokens."""
+    """metrics: {floor, ceiling, mode...: summarize(...)}; heatmaps: soft selections of a few test pairs."""
 
     metrics: dict
     heatmaps: list[dict] = field(default_factory=list)
 
 
-def _shard(n: int, rank: int, world: int) -> list[int]:
-    per = -(-n // world)
-    mine = list(range(rank * per, min((rank + 1) * per, n)))
-    return mine + [n - 1] * (per - len(mine))  # pad so every process runs the same forwards
+def spread_indices(rows, limit: int | None, seed: int = 0) -> list[int]:
+    """Up to ``limit`` row indices spread evenly over (attribute, attribute type) groups, in a seeded order.
+
+    The groups take turns, each in its own shuffled order, so any prefix of the result covers every group as
+    evenly as it can (the first N test rows are all of one kind: the builder writes them kind by kind).
+    """
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (attribute, kind) in enumerate(zip(rows["attribute"], rows["attribute_type"], strict=True)):
+        groups.setdefault((attribute, kind), []).append(i)
+    rng = random.Random(seed)
+    queues = [rng.sample(members, len(members)) for _, members in sorted(groups.items())]
+    order = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                order.append(queue.pop())
+    return order if limit is None else order[:limit]
+
+
+def _shard(indices: list[int], rank: int, world: int) -> list[int]:
+    per = -(-len(indices) // world)
+    mine = indices[rank * per : (rank + 1) * per]
+    return mine + [indices[-1]] * (per - len(mine))  # pad so every process runs the same forwards
 
 
 def _gather(records: list[dict]) -> list[dict]:
@@ -55,67 +88,78 @@ def evaluate(
     heatmap_examples: int = 4,
     rank: int = 0,
     world_size: int = 1,
+    seed: int = 0,
 ) -> Evaluation:
-    """Exact match of the first 3 label tokens (teacher-forced) on the test split, per selection mode.
+    """Exact match of the first 3 label tokens (teacher-forced) on the test split, per mode and reference.
 
     Args:
-        engine: anything with ``forward(batch, mode=...)`` returning logits and selection (a training engine).
+        engine: anything with ``evaluate_batch(batch, modes)`` (a training engine).
         data: ``RunData`` (test split and collator).
         modes: selection modes to evaluate.
         batch_size: examples per forward.
-        max_examples: evaluate the first N test examples only.
-        heatmap_examples: how many test pairs' soft selections to keep for the heatmap.
+        max_examples: evaluate this many test examples, spread over attributes and kinds (None: all).
+        heatmap_examples: how many test pairs' soft selections to keep for the heatmap (spread likewise).
         rank, world_size: this process's place; each evaluates its shard.
+        seed: seeds which examples a ``max_examples`` subset and the heatmap take.
     """
-    n = len(data.test) if max_examples is None else min(max_examples, len(data.test))
-    if n == 0:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    chosen = spread_indices(data.test, max_examples, seed)
+    if not chosen:
         raise ValueError("the test split is empty: nothing to evaluate")
-    mine = _shard(n, rank, world_size)
+    pictured = set(chosen[:heatmap_examples])
+    mine = _shard(chosen, rank, world_size)
     model = engine.model
     was_training = model.training
     model.eval()
-    metrics: dict = {}
-    heatmaps: list[dict] = []
+    names = [*REFERENCES, *modes]
+    records: dict[str, list[dict]] = {name: [] for name in names}
+    stats: dict[str, list[dict]] = {mode: [] for mode in modes}
+    heatmaps: dict[int, dict] = {}
     try:
-        for mode in modes:
-            records = []
-            chunks = range(0, len(mine), batch_size)
-            for start in tqdm(chunks, desc=f"eval {mode}", disable=rank != 0, leave=False):
-                indices = mine[start : start + batch_size]
-                batch = data.collate(data.test, indices)
-                out = engine.forward(batch, mode=mode)
-                correct = label_exact_match(out.logits.float(), batch["label_ids"].to(out.logits.device)).cpu()
+        for start in tqdm(range(0, len(mine), batch_size), desc="eval", disable=rank != 0, leave=False):
+            indices = mine[start : start + batch_size]
+            batch = data.collate(data.test, indices)
+            outputs = engine.evaluate_batch(batch, modes)
+            labels = batch["label_ids"]
+            for name in names:
+                logits, selection = outputs[name]
+                correct = label_exact_match(logits.float(), labels.to(logits.device)).cpu()
                 for index, record in zip(indices, records_from_batch(batch, correct), strict=True):
-                    records.append(record | {"index": index})
-                if mode == "soft" and len(heatmaps) < heatmap_examples and rank == 0:
-                    heatmaps.extend(_heatmap_entries(batch, out.selection, data.collator.tokenizer, heatmap_examples))
-            metrics[mode] = summarize(_gather(records))
+                    records[name].append(record | {"index": index})
+                if name in stats:
+                    rows = selection_stats(selection.float().cpu(), batch)
+                    stats[name].extend(r | {"index": i} for i, r in zip(indices, rows, strict=True))
+            if rank == 0:
+                soft = outputs["soft"][1] if "soft" in outputs else None
+                for b, index in enumerate(indices):
+                    if soft is not None and index in pictured and index not in heatmaps:
+                        heatmaps[index] = _heatmap_entry(batch, soft, b, data.collator.tokenizer)
     finally:
         model.train(was_training)
-    return Evaluation(metrics, heatmaps[:heatmap_examples])
+    metrics = {}
+    for name in names:
+        metrics[name] = summarize(_gather(records[name]))
+        if name in stats:
+            metrics[name]["selection"] = summarize_selection(_gather(stats[name]))
+    return Evaluation(metrics, [heatmaps[i] for i in chosen[:heatmap_examples] if i in heatmaps])
 
 
-def _heatmap_entries(batch: dict, selection: torch.Tensor, tokenizer, limit: int) -> list[dict]:
-    entries = []
-    for b in range(min(limit, selection.shape[0])):
-        base_real = batch["base_attention_mask"][b].bool()
-        source_real = batch["source_attention_mask"][b].bool()
-        label_count = int((batch["label_ids"][b] != -100).sum())
-        a = selection[b].float().cpu()[:, base_real.cpu()]  # (Ts+1, Tb real)
-        rows = torch.cat([source_real.cpu(), torch.tensor([True])])
-        a = a[rows]
-        base_ids = batch["base_input_ids"][b][base_real].tolist()
-        keep = len(base_ids) - label_count  # drop the teacher-forced label tokens from the picture
-        entries.append(
-            {
-                "selection": a[:, :keep].numpy(),
-                "base_tokens": [tokenizer.decode([t]) for t in base_ids[:keep]],
-                "source_tokens": [tokenizer.decode([t]) for t in batch["source_input_ids"][b][source_real].tolist()]
-                + ["SELF"],
-                "title": f"{batch['attribute'][b]} ({batch['attribute_type'][b]})",
-            }
-        )
-    return entries
+def _heatmap_entry(batch: dict, selection: torch.Tensor, b: int, tokenizer) -> dict:
+    base_real = batch["base_attention_mask"][b].bool().cpu()
+    source_real = batch["source_attention_mask"][b].bool().cpu()
+    label_count = int((batch["label_ids"][b] != -100).sum())
+    a = selection[b].float().cpu()[:, base_real]  # (Ts+1, Tb real)
+    a = a[torch.cat([source_real, torch.tensor([True])])]
+    base_ids = batch["base_input_ids"][b][base_real].tolist()
+    keep = len(base_ids) - label_count  # drop the teacher-forced label tokens from the picture
+    return {
+        "selection": a[:, :keep].numpy(),
+        "base_tokens": [tokenizer.decode([t]) for t in base_ids[:keep]],
+        "source_tokens": [tokenizer.decode([t]) for t in batch["source_input_ids"][b][source_real].tolist()]
+        + ["SELF"],
+        "title": f"{batch['attribute'][b]} ({batch['attribute_type'][b]})",
+    }
 
 
 def write_evaluation(result: Evaluation, out_dir: Path, history: list[dict], run_config) -> None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from hyperdas.model import LossWeights
 from hyperdas.targets import load_target, target_config
 from hyperdas.train.config import RunConfig, load_run_config, save_run_config
-from hyperdas.train.data_source import RunData, load_run_data
+from hyperdas.train.data_source import RunData, cache_train_states, load_run_data
 from hyperdas.train.engine import PlainEngine, TrainingEngine, micro_batch_plan
 from hyperdas.train.evaluate import evaluate, write_evaluation
 
@@ -78,10 +78,21 @@ def check_against_target(config: RunConfig) -> None:
 
 
 def step_batches(num_examples: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """The global batches of one epoch: a seeded permutation cut into full batches (the tail is dropped)."""
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    """The global batches of one epoch, each with one example of every data shard (the tail is dropped).
+
+    Shard q holds the examples i with i mod global_batch = q; each epoch permutes every shard (seeded by seed,
+    epoch and q) and batch s takes the s-th example of each shard, in shard order. A process then takes a
+    contiguous slice of every batch (``process_slices``), that is a fixed set of shards: whatever the number
+    of processes the global batches are the same, and each process only ever sees its own shards' examples
+    (so its state cache holds only those).
+    """
     steps = num_examples // global_batch
-    return [order[s * global_batch : (s + 1) * global_batch].tolist() for s in range(steps)]
+    shards = []
+    for q in range(global_batch):
+        members = torch.arange(q, num_examples, global_batch)
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + q)
+        shards.append(members[torch.randperm(len(members), generator=generator)][:steps].tolist())
+    return [[shards[q][s] for q in range(global_batch)] for s in range(steps)]
 
 
 def process_slices(indices: list[int], rank: int, world_size: int, micro_batch: int) -> list[list[int]]:
@@ -89,6 +100,13 @@ def process_slices(indices: list[int], rank: int, world_size: int, micro_batch: 
     per_process = len(indices) // world_size
     mine = indices[rank * per_process : (rank + 1) * per_process]
     return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+
+
+def process_examples(num_examples: int, global_batch: int, rank: int, world_size: int) -> list[int]:
+    """Every example this process can see in any epoch: those of its shards (see ``step_batches``)."""
+    per_process = global_batch // world_size
+    mine = range(rank * per_process, (rank + 1) * per_process)
+    return [i for i in range(num_examples) if i % global_batch in mine]
 
 
 @dataclass
@@ -134,6 +152,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.engine = self.setup.build(cfg)
         self.data = load_run_data(cfg, self.engine.model.target, self.setup)
+        mine = process_examples(len(self.data.train), cfg.global_batch_size, self.setup.rank, self.setup.world_size)
+        cache_train_states(self.data, self.engine.model.target, cfg, self.setup, mine)
         if self.setup.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_run_config(cfg, self.out_dir / RUN_CONFIG_FILE)
@@ -210,7 +230,12 @@ class Trainer:
         losses, ces, penalties = [], [], []
         grad_norm = None
         for micro in micro_batches:
-            out = engine.forward(self.data.collate(self.data.train, micro), loss_weights=weights)
+            batch = self.data.collate(self.data.train, micro)
+            states = self.data.states.states_for(batch, engine.device) if self.data.states is not None else None
+            if states is None and self.data.states is not None and self.setup.world_size > 1:
+                # every process must run the same forwards under ZeRO-3: a live pass on one alone would hang
+                raise RuntimeError(f"state cache miss on process {self.setup.rank}: it holds this process's shards")
+            out = engine.forward(batch, loss_weights=weights, states=states)
             engine.backward(out.loss)
             grad_norm = engine.step()
             losses.append(out.loss.item())
@@ -288,6 +313,7 @@ class Trainer:
             heatmap_examples=cfg.heatmap_examples,
             rank=self.setup.rank,
             world_size=self.setup.world_size,
+            seed=cfg.seed,
         )
         if self.setup.is_main:
             write_evaluation(result, self.out_dir, history=self.state.history, run_config=cfg)

@@ -24,7 +24,9 @@ label_ids                      (B, P)      label token ids, -100 on padding; P =
 instruction_input_ids          (B, Te)     BOS? + edit instruction (the editor reads its last token), long
 instruction_attention_mask     (B, Te)     long
 base_entity_last               (B,)        index of the last base entity token (last prefix token), long
+base_entity_first              (B,)        index of the first base entity token, long
 source_entity_last             (B,)        index of the last source entity token, long
+source_entity_first            (B,)        index of the first source entity token, long
 is_causal                      (B,)        bool
 attribute, domain,             lists       python lists of strings, one per example
 attribute_type
@@ -96,6 +98,27 @@ def encode_with_label(
         encode_texts(tokenizer, suffixes),
         label_token_ids(tokenizer, prompts, values),
     )
+
+
+def entity_token_counts(
+    tokenizer, prefixes: Sequence[str], entities: Sequence[str], prefix_ids: Sequence[Sequence[int]]
+) -> list[int]:
+    """How many of each prefix's last tokens spell its entity (the prefix ends with the entity).
+
+    The tokens of the prefix without its entity are usually a prefix of the whole prefix's tokens; where the
+    tokenizer merged across the boundary, the entity starts at the token that covers its first character.
+    """
+    heads = encode_texts(tokenizer, [p[: len(p) - len(e)] for p, e in zip(prefixes, entities, strict=True)])
+    counts = []
+    for ids, head, entity in zip(prefix_ids, heads, entities, strict=True):
+        if list(ids[: len(head)]) == head and len(ids) > len(head):
+            counts.append(len(ids) - len(head))
+            continue
+        n = 1
+        while n < len(ids) and entity.strip() not in tokenizer.decode(list(ids[-n:])):
+            n += 1
+        counts.append(n)
+    return counts
 
 
 def pad_id_of(tokenizer) -> int:
@@ -175,6 +198,10 @@ class Collator:
 
         base_select = torch.zeros_like(base_mask, dtype=torch.bool)
         source_select = torch.zeros_like(source_mask, dtype=torch.bool)
+        base_span = entity_token_counts(tok, column["input_prefix"], column["entity"], prefixes)
+        source_span = entity_token_counts(
+            tok, column["counterfactual_input_prefix"], column["counterfactual_entity"], source_prefixes
+        )
         base_last, source_last, first_label = [], [], []
         for b in range(len(rows)):
             start = base_off[b] + len(lead)
@@ -199,7 +226,9 @@ class Collator:
             "instruction_input_ids": instruction_ids,
             "instruction_attention_mask": instruction_mask,
             "base_entity_last": torch.tensor(base_last, dtype=torch.long),
+            "base_entity_first": torch.tensor(base_last, dtype=torch.long) - torch.tensor(base_span) + 1,
             "source_entity_last": torch.tensor(source_last, dtype=torch.long),
+            "source_entity_first": torch.tensor(source_last, dtype=torch.long) - torch.tensor(source_span) + 1,
             "is_causal": torch.tensor([t == "causal" for t in column["attribute_type"]], dtype=torch.bool),
             "attribute": column["attribute"],
             "domain": column["domain"],

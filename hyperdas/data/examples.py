@@ -15,6 +15,13 @@ reference does: each attribute's template set and the Wikipedia set are equally 
 context is picked with probability 1 / (number of attributes + 1). A Wikipedia context written about a
 given entity makes that entity the source; one with a null entity takes a sampled entity.
 
+Only prompts the target knows are used (``hyperdas.data.known``): a causal example's base prompt is known for
+the BASE entity (so the unpatched target answers the base's value, which differs from the label) and its base
+template is known for the SOURCE entity (so the label is reachable); an isolate example's base prompt is known
+for the base entity's queried attribute. Doing nothing then scores cause 0 and isolate 100 by construction
+(causal pairs whose two values share their first label tokens, which the metric cannot tell apart, are left
+out and counted).
+
 Splits are by template: the ``train`` split uses RAVEL's train templates and train Wikipedia contexts, the
 ``test`` split its val and test ones, so no base template (nor source context) is shared between them.
 
@@ -34,7 +41,7 @@ Text rules:
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from hyperdas.data.ravel import SPLITS, RavelDomain, WikipediaContext, check_split, load_domain
 
@@ -65,8 +72,8 @@ FIELDS: tuple[str, ...] = (
 )
 
 _NO_SPACE_AFTER = ('"', "'", "(", "[", "{")
-#: Draws in a row that may fail (a duplicate verified fact, no entity that differs) before a sampler
-#: declares its pool exhausted.
+#: Draws in a row that may fail (a used-up base prompt, a Wikipedia context about an unusable entity) before a
+#: sampler declares its pool exhausted.
 _MAX_FAILED_DRAWS = 2000
 
 
@@ -117,22 +124,39 @@ def isolate_attributes_for(
     return result
 
 
-class CandidateSampler:
-    """A seeded stream of distinct candidate examples of one kind: (split, attribute, attribute type).
+#: (attribute, template) -> the entities whose prompt under that template the target knows, in a fixed order.
+KnownEntities = Mapping[tuple[str, str], Sequence[str]]
+#: tie(template, base entity, source entity) -> True when the metric cannot tell the source's value from the
+#: base's under that base prompt (their first label tokens agree), so a causal pair would score without effect.
+TieCheck = Callable[[str, str, str], bool]
 
-    Each draw picks the queried attribute, a base template, a source context and the two entities. Two
-    candidates of one sampler never share their verified fact (queried attribute, base template, the entity
-    in ``verify_text``), so filtering never checks the same fact twice and the kept examples stay diverse.
-    The pool is exhausted when every fact was drawn or draws keep failing.
+
+def every_entity_known(domain: RavelDomain) -> KnownEntities:
+    """The unfiltered view: every entity with a value counts as known under every template of the attribute."""
+    return {(a, t): domain.entities_with(a) for a in domain.attributes_with_values for t in domain.attribute_prompts[a]}
+
+
+class PairSampler:
+    """A seeded stream of distinct examples of one kind (split, attribute, attribute type), from known prompts.
+
+    - **causal** for A: a base prompt (A-template t, base entity) the target knows, and a source entity whose
+      prompt under the SAME template t it knows too, with another value of A (and no first-label-token tie with
+      the base's value). So the unpatched target answers the base's value and the label is one it can produce.
+    - **isolate** for A, querying B: a base prompt (B-template, base entity) the target knows; the source is any
+      entity with another value of B; the label is the base's own B.
+    Two examples of one sampler never share (queried attribute, base template, base entity, source entity). The
+    pool is exhausted once every base prompt has no unused source left (or draws keep failing).
 
     Args:
         domain: the RAVEL domain.
         split: "train" or "test".
         attribute: A, the attribute the instruction names.
         attribute_type: "causal" or "isolate".
+        known: the known prompts (``hyperdas.data.known.known_entities``, or ``every_entity_known``).
         isolate_attributes: the B that isolate examples query (ignored for causal ones).
         sources: which source contexts to draw from, a non-empty subset of ``SOURCE_KINDS``.
         seed: the stream's seed; the same arguments give the same stream.
+        tie: causal pairs this returns True for are skipped and counted in ``ties``.
     """
 
     def __init__(
@@ -141,9 +165,11 @@ class CandidateSampler:
         split: str,
         attribute: str,
         attribute_type: str,
+        known: KnownEntities,
         isolate_attributes: Sequence[str] = (),
         sources: Sequence[str] = SOURCE_KINDS,
         seed: int = 0,
+        tie: TieCheck | None = None,
     ):
         check_split(split)
         domain.check_attribute(attribute)
@@ -154,66 +180,89 @@ class CandidateSampler:
         queried = (attribute,) if attribute_type == "causal" else tuple(isolate_attributes)
         if not queried:
             raise ValueError(f"isolate examples for {attribute!r} need at least one isolate attribute")
-        self._templates = {q: domain.templates(q, split) for q in queried}
-        self._queried = [q for q in queried if self._templates[q]]
-        self._entities = {q: domain.entities_with(q) for q in self._queried}
+        self._known, self._tie = known, tie
+        #: queried attribute -> live base prompts (template, base entity)
+        self._bases = {q: [(t, e) for t in domain.templates(q, split) for e in known.get((q, t), ())] for q in queried}
+        self.base_prompts = sum(len(b) for b in self._bases.values())
+        self._sources: dict[tuple[str, str, str], list[str]] = {}
         self._source_templates = [t for a in domain.attributes for t in domain.templates(a, split)]
-        self._wikipedia: list[WikipediaContext] = domain.wikipedia[split] if "wikipedia" in sources else []
-        use_templates = "template" in sources and self._source_templates
-        n_options = len(domain.attributes) + 1 if use_templates and self._wikipedia else 1
-        self._wikipedia_chance = 0.0 if not self._wikipedia else 1.0 / n_options
+        wikipedia = domain.wikipedia[split] if "wikipedia" in sources else []
+        self._wiki_all = wikipedia
+        self._wiki_open = [c for c in wikipedia if c.entity is None]
+        self._wiki_of: dict[str, list[WikipediaContext]] = {}
+        for context in wikipedia:
+            if context.entity is not None:
+                self._wiki_of.setdefault(context.entity, []).append(context)
+        use_templates = "template" in sources and bool(self._source_templates)
+        n_options = len(domain.attributes) + 1 if use_templates and wikipedia else 1
+        self._wikipedia_chance = 0.0 if not wikipedia else 1.0 / n_options
         self._rng = random.Random(f"{seed}/{domain.name}/{split}/{attribute}/{attribute_type}")
-        self._seen: set[tuple[str, str, str]] = set()
-        self._pool_size = sum(len(self._templates[q]) * len(self._entities[q]) for q in self._queried)
-        self.exhausted = self._pool_size == 0 or not (use_templates or self._wikipedia)
+        self.ties = 0
+        self.exhausted = self.base_prompts == 0 or not (use_templates or wikipedia)
 
     def take(self, n: int) -> list[dict[str, str]]:
-        """Up to ``n`` new candidates (fewer once the pool is exhausted)."""
+        """Up to ``n`` new examples (fewer once the pool is exhausted)."""
         out: list[dict[str, str]] = []
         failed = 0
         while len(out) < n and not self.exhausted:
             example = self._draw()
             if example is None:
                 failed += 1
-                self.exhausted = failed >= _MAX_FAILED_DRAWS
+                self.exhausted = failed >= _MAX_FAILED_DRAWS or not any(self._bases.values())
                 continue
             failed = 0
             out.append(example)
-            self.exhausted = len(self._seen) >= self._pool_size
         return out
 
-    def _other_entity(self, queried: str, entity: str) -> str | None:
-        """An entity whose value of ``queried`` differs from ``entity``'s (None if none is found)."""
-        value = self.domain.value(entity, queried)
-        for _ in range(100):
-            other = self._rng.choice(self._entities[queried])
-            if self.domain.value(other, queried) != value:
-                return other
-        return None
+    def _unused_sources(self, queried: str, template: str, base: str) -> list[str]:
+        """Source entities not drawn yet for this base prompt: another value of ``queried`` (and, causal, known)."""
+        key = (queried, template, base)
+        if key not in self._sources:
+            value = self.domain.value(base, queried)
+            if self.attribute_type == "causal":
+                pool = [e for e in self._known[(queried, template)] if self.domain.value(e, queried) != value]
+                kept = [e for e in pool if self._tie is None or not self._tie(template, base, e)]
+                self.ties += len(pool) - len(kept)
+            else:
+                kept = [e for e in self.domain.entities_with(queried) if self.domain.value(e, queried) != value]
+            self._rng.shuffle(kept)
+            self._sources[key] = kept
+        return self._sources[key]
 
     def _draw(self) -> dict[str, str] | None:
         rng, domain = self._rng, self.domain
-        queried = self._queried[0] if len(self._queried) == 1 else rng.choice(self._queried)
-        base_template = rng.choice(self._templates[queried])
-        if self._wikipedia and rng.random() < self._wikipedia_chance:
-            context = rng.choice(self._wikipedia)
-            source_template, source_kind, source = context.template, "wikipedia", context.entity
-            if source is not None and queried not in domain.entity_attributes[source]:
+        live = [q for q, bases in self._bases.items() if bases]
+        queried = live[0] if len(live) == 1 else rng.choice(live)
+        bases = self._bases[queried]
+        slot = rng.randrange(len(bases))
+        base_template, base = bases[slot]
+        unused = self._unused_sources(queried, base_template, base)
+        if not unused:
+            bases[slot] = bases[-1]
+            bases.pop()
+            return None
+        context = None
+        if self._wikipedia_chance and rng.random() < self._wikipedia_chance:
+            if self.attribute_type == "causal":  # contexts about a usable source, or about any entity
+                eligible = self._wiki_open + [c for e in unused for c in self._wiki_of.get(e, ())]
+            else:
+                eligible = self._wiki_all
+            context = rng.choice(eligible) if eligible else None
+        if context is not None and context.entity is not None:
+            source = context.entity
+            if source not in unused:  # isolate: a context about an entity with the same value (or none)
                 return None
+            unused.remove(source)
         else:
-            source_template, source_kind, source = rng.choice(self._source_templates), "template", None
-        if source is None:
-            source = rng.choice(self._entities[queried])
-        base = self._other_entity(queried, source)
-        if base is None:
-            return None
-        fact = (queried, base_template, source if self.attribute_type == "causal" else base)
-        if fact in self._seen:
-            return None
-        self._seen.add(fact)
+            source = unused.pop()
+        if context is not None:
+            source_template, source_kind = context.template, "wikipedia"
+        else:
+            source_template, source_kind = rng.choice(self._source_templates), "template"
         prefix, suffix = fill(base_template, base)
         source_prefix, source_suffix = fill(source_template, source)
-        verify_prefix, _ = fill(base_template, fact[2])
+        verify_entity = source if self.attribute_type == "causal" else base
+        verify_prefix, _ = fill(base_template, verify_entity)
         return {
             "input_prefix": prefix,
             "input_suffix": suffix,
@@ -245,19 +294,22 @@ def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
     return tuple(sources)
 
 
-def candidate_samplers(
+def pair_samplers(
     domain: str,
     attributes: Sequence[str],
     split: str,
+    known: KnownEntities | None = None,
     seed: int = 0,
     isolate_attributes: Sequence[str] | None = None,
     sources: Sequence[str] = SOURCE_KINDS,
-) -> dict[tuple[str, str], CandidateSampler]:
-    """One sampler per (attribute, attribute type) of a split, keyed by that pair."""
+    tie: TieCheck | None = None,
+) -> dict[tuple[str, str], PairSampler]:
+    """One sampler per (attribute, attribute type) of a split, keyed by that pair (``known`` None: unfiltered)."""
     ravel = load_domain(domain)
     isolate = isolate_attributes_for(ravel, attributes, isolate_attributes)
+    known = every_entity_known(ravel) if known is None else known
     return {
-        (a, kind): CandidateSampler(ravel, split, a, kind, isolate[a], sources, seed)
+        (a, kind): PairSampler(ravel, split, a, kind, known, isolate[a], sources, seed, tie)
         for a in attributes
         for kind in ATTRIBUTE_TYPES
     }
@@ -271,11 +323,15 @@ def make_examples(
     seed: int = 0,
     isolate_attributes: Sequence[str] | None = None,
     sources: Sequence[str] = SOURCE_KINDS,
+    known: KnownEntities | None = None,
 ) -> list[dict[str, str]]:
-    """Unfiltered examples: ``n_per_kind`` for each (split, attribute, attribute type), in that order."""
+    """``n_per_kind`` examples for each (split, attribute, attribute type), in that order.
+
+    ``known`` None treats every prompt as known (unfiltered examples, for tests and stand-in targets).
+    """
     return [
         example
         for split in splits
-        for sampler in candidate_samplers(domain, attributes, split, seed, isolate_attributes, sources).values()
+        for sampler in pair_samplers(domain, attributes, split, known, seed, isolate_attributes, sources).values()
         for example in sampler.take(n_per_kind)
     ]

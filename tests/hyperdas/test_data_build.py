@@ -1,192 +1,217 @@
-"""Building the filtered dataset: shares per kind, seeded order, caching, atomic writes and clear errors."""
+"""Building the dataset from known prompts: the pairing rule, shares, caching, dropped attributes and clear errors."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
-from test_data_filter import OracleTarget
+import torch
 
-from hyperdas.data import build as build_module
-from hyperdas.data.build import DataRequest, build_dataset, dataset_folder, load_report
-from hyperdas.data.collate import label_token_ids
-from hyperdas.data.examples import FIELDS, candidate_samplers, label_value
-from hyperdas.data.filtering import filter_examples
+from hyperdas.data.build import DataRequest, LabelTies, build_dataset, dataset_folder, load_report
+from hyperdas.data.collate import Collator
+from hyperdas.data.examples import FIELDS
+from hyperdas.data.known import KnownPromptTable, Prompt, prompt_universe
+from hyperdas.data.ravel import load_domain
+from hyperdas.metrics import label_exact_match
+from hyperdas.testing import PlantedTarget
+
+CITY = load_domain("city")
 
 
 @pytest.fixture
-def data_cache(tmp_path, monkeypatch):
+def cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPERDAS_CACHE", str(tmp_path))
-    return tmp_path / "data"
+    return tmp_path
 
 
-@pytest.fixture
-def filter_calls(monkeypatch):
-    calls = []
-
-    def counting(target, examples, **kwargs):
-        calls.append(len(examples))
-        return filter_examples(target, examples, **kwargs)
-
-    monkeypatch.setattr(build_module, "filter_examples", counting)
-    return calls
-
-
-def _oracle_request(**overrides):
-    values = dict(target="oracle", max_examples=40, test_share=0.25, seed=1)
+def _request(**overrides):
+    values = dict(target="planted", target_dtype="float32", attributes=("Country", "Continent"), max_examples=40,
+                  test_share=0.25, seed=1, entities_per_template=6)
     values.update(overrides)
     return DataRequest(**values)
 
 
-def test_shares_splits_and_saved_files(smollm2, data_cache):
-    request = _oracle_request()
-    data = build_dataset(request, OracleTarget(smollm2.tokenizer), progress=False)
-    assert set(data) == {"train", "test"}
+def _planted(smollm2, share: int = 2, **kwargs) -> PlantedTarget:
+    """A target that knows every ``share``-th entity of the universe's sample (a known set that is not everything)."""
+    entities = sorted({p.entity for p in prompt_universe(CITY, CITY.attributes_with_values, 6)})
+    return PlantedTarget(smollm2.tokenizer, set(entities[::share]), **kwargs)
+
+
+def test_every_example_comes_from_known_prompts_by_the_pairing_rule(smollm2, cache_root):
+    target = _planted(smollm2)
+    data = build_dataset(_request(), target, progress=False)
+    table = KnownPromptTable("planted", target.fingerprint, "float32", "city")
+    for row in data["train"].to_list() + data["test"].to_list():
+        queried, template = row["queried_attribute"], row["template"]
+        assert table.known(Prompt(queried, template, row["entity"]))  # the unpatched target answers the base's value
+        assert row["target"] == CITY.value(row["entity"], queried)
+        if row["attribute_type"] == "causal":
+            assert queried == row["attribute"]
+            assert table.known(Prompt(queried, template, row["counterfactual_entity"]))  # the label is reachable
+            assert row["counterfactual_target"] != row["target"]
+        else:
+            assert queried != row["attribute"] and row["counterfactual_target"] != row["target"]
+
+
+def test_shares_splits_and_saved_files(smollm2, cache_root):
+    request = _request()
+    data = build_dataset(request, _planted(smollm2), progress=False)
     assert (len(data["train"]), len(data["test"])) == (30, 10)
     assert list(data["train"].features) == list(FIELDS)
     for split in ("train", "test"):
         rows = data[split].to_list()
         assert {r["split"] for r in rows} == {split}
-        for attribute in ("Country", "Continent"):
-            for kind in ("causal", "isolate"):
-                n = sum(r["attribute"] == attribute and r["attribute_type"] == kind for r in rows)
-                assert n == request.shares()[(split, attribute, kind)]
+        counts = {(a, k): sum(r["attribute"] == a and r["attribute_type"] == k for r in rows)
+                  for a in ("Country", "Continent") for k in ("causal", "isolate")}
+        assert sorted(counts.values()) == ([2, 2, 3, 3] if split == "test" else [7, 7, 8, 8])
     assert not {r["template"] for r in data["train"]} & {r["template"] for r in data["test"]}
-
     folder = dataset_folder(request)
-    assert folder.parent == data_cache and folder.name == request.key()
+    assert folder.parent == cache_root / "data" and folder.name == request.key()
     assert json.loads((folder / "request.json").read_text())["attributes"] == ["Country", "Continent"]
     report = load_report(folder)
-    assert report["target"] == "oracle" and report["key"] == request.key()
+    assert report["target"] == "planted" and report["attributes"] == ["Country", "Continent"]
     assert sum(r["kept"] for r in report["rows"]) == 40
-    assert not [p for p in data_cache.iterdir() if p.name.startswith(".")]  # no partial folder left
+    assert {(r["attribute"], r["split"]) for r in report["known_prompts"]} == {
+        (a, s) for a in ("Country", "Continent") for s in ("train", "test")}
+    assert not [p for p in (cache_root / "data").iterdir() if p.name.startswith(".")]  # no partial folder left
 
 
-def test_the_same_request_twice_does_not_recompute(smollm2, data_cache, filter_calls):
-    request = _oracle_request(max_examples=12)
-    oracle = OracleTarget(smollm2.tokenizer)
-    first = build_dataset(request, oracle, progress=False)
-    calls = len(filter_calls)
-    assert calls > 0
-    second = build_dataset(request, oracle, progress=False)
-    assert len(filter_calls) == calls  # loaded from disk
-    assert second["train"].to_list() == first["train"].to_list()
-    build_dataset(request, progress=False)  # no target needed once built
-    assert len(filter_calls) == calls
-    build_dataset(_oracle_request(max_examples=12, seed=2), oracle, progress=False)
-    assert len(filter_calls) > calls
+def test_a_new_seed_or_attribute_set_costs_no_new_forward_pass(smollm2, cache_root):
+    target = _planted(smollm2)
+    first = build_dataset(_request(), target, progress=False)
+    rows = target.rows_seen
+    assert rows > 0
+    again = build_dataset(_request(), target, progress=False)  # loaded from disk
+    assert again["train"].to_list() == first["train"].to_list() and target.rows_seen == rows
+    other_seed = build_dataset(_request(seed=2), target, progress=False)
+    assert other_seed["train"].to_list() != first["train"].to_list()
+    build_dataset(_request(attributes=("Continent",), isolate_attributes=("Country",)), target, progress=False)
+    assert target.rows_seen == rows  # the known-prompt table answered every prompt
+    build_dataset(_request(), progress=False)  # no target needed once built
 
 
-def test_the_key_hashes_request_target_and_format(monkeypatch):
-    request = DataRequest()
-    assert request.key() == DataRequest().key()
-    assert request.key() != DataRequest(target="other").key()
-    assert request.key() != DataRequest(max_examples=999).key()
-    before = request.key()
-    monkeypatch.setattr(build_module, "DATA_FORMAT_VERSION", build_module.DATA_FORMAT_VERSION + 1)
-    assert request.key() != before
+def test_causal_pairs_whose_labels_tie_are_left_out(smollm2):
+    ties = LabelTies(smollm2.tokenizer, CITY, "Country")
+    template = "%s is a city in the country of"
+    us = next(e for e in CITY.entities_with("Country") if CITY.value(e, "Country") == "United States")
+    uk = next(e for e in CITY.entities_with("Country") if CITY.value(e, "Country") == "United Kingdom")
+    also_us = next(e for e in CITY.entities_with("Country") if CITY.value(e, "Country") == "United States" and e != us)
+    assert ties(template, us, also_us)  # the same value ties by definition
+    assert not ties(template, us, uk)  # " United" then " States" vs " Kingdom": the metric tells them apart
 
 
-def test_kept_examples_are_the_first_passing_in_seeded_order(smollm2, data_cache):
-    """Rounds of any size keep the same examples: each kind's first passing candidates."""
-    tok = smollm2.tokenizer
-    request = _oracle_request(max_examples=24, test_share=0.5)
-    probe = candidate_samplers("city", request.attributes, "train", seed=request.seed)
-    sample = [e for s in probe.values() for e in s.take(40)]
-    labels = label_token_ids(tok, [e["verify_text"] for e in sample], [label_value(e) for e in sample])
-    blind = {ids[0] for ids, e in zip(labels, sample, strict=True) if e["counterfactual_target"] in ("Europe", "Asia")}
-    oracle = OracleTarget(tok, blind)
-    data = build_dataset(request, oracle, progress=False)
+def test_all_drops_attributes_without_enough_data_with_a_notice(smollm2, cache_root, capsys):
+    target = _planted(smollm2)
+    real = target.knows
+    # it never knows a latitude (every Latitude template but one says "lat"; that one alone is too little)
+    target.knows = lambda text: real(text) and "lat" not in text.lower()
+    request = _request(attributes=("all",), max_examples=120)
+    data = build_dataset(request, target, progress=False)
     report = load_report(dataset_folder(request))
-    tried = {(r["split"], r["attribute"], r["attribute_type"]): r["total"] for r in report["rows"]}
-    for split in ("train", "test"):
-        samplers = candidate_samplers("city", request.attributes, split, seed=request.seed)
-        for (attribute, kind), sampler in samplers.items():
-            stream = sampler.take(tried[(split, attribute, kind)])
-            keep = filter_examples(oracle, stream, progress=False)
-            share = request.shares()[(split, attribute, kind)]
-            expected = [e for e, ok in zip(stream, keep, strict=True) if ok][:share]
-            got = [r for r in data[split] if r["attribute"] == attribute and r["attribute_type"] == kind]
-            assert got == expected
+    dropped = {d["attribute"] for d in report["dropped"]}
+    assert "Latitude" in dropped and "Latitude" not in report["attributes"]
+    assert "hyperdas data: dropped Latitude (too little data" in capsys.readouterr().out
+    assert "Latitude" not in set(data["train"]["attribute"])
 
 
-def test_a_kind_the_model_never_gets_right_stops_at_its_budget(smollm2, data_cache, monkeypatch):
-    def knows_no_country(target, examples, **kwargs):
-        return [e["queried_attribute"] != "Country" for e in examples]
-
-    monkeypatch.setattr(build_module, "filter_examples", knows_no_country)
-    request = _oracle_request(max_examples=16, test_share=0.5, max_candidates_per_example=3)
-    data = build_dataset(request, OracleTarget(smollm2.tokenizer), progress=False)
-    rows = {(r["split"], r["attribute"], r["attribute_type"]): r for r in load_report(dataset_folder(request))["rows"]}
-    for split in ("train", "test"):
-        # the kinds that query a country: causal Country, and isolate Continent (the base's country must stay)
-        for kind in (("Country", "causal"), ("Continent", "isolate")):
-            row = rows[(split, *kind)]
-            assert row["kept"] == row["passed"] == 0 and row["total"] == math.ceil(row["share"] * 3)
-        for kind in (("Continent", "causal"), ("Country", "isolate")):
-            row = rows[(split, *kind)]
-            assert row["kept"] == row["share"] == 2 and row["total"] == 6  # the first round is the whole budget
-    assert len(data["train"]) == len(data["test"]) == 4
+def test_nothing_known_is_a_clear_error_and_leaves_nothing(smollm2, cache_root):
+    nothing = PlantedTarget(smollm2.tokenizer, set())
+    with pytest.raises(ValueError, match=r"(?s)no train example of DataRequest\(domain='city'.*known prompts"):
+        build_dataset(_request(), nothing, progress=False)
+    assert not (cache_root / "data").exists() or not any((cache_root / "data").iterdir())
+    with pytest.raises(ValueError, match="no attribute of RAVEL domain 'city' leaves enough known prompts"):
+        build_dataset(_request(attributes=("all",)), nothing, progress=False)
 
 
-def test_zero_examples_after_filtering_is_a_clear_error(tiny_target, data_cache):
-    request = DataRequest(target=tiny_target.name, max_examples=8, max_candidates_per_example=2)
-    with pytest.raises(
-        ValueError,
-        match=r"(?s)no train example of DataRequest\(domain='city'.*survives filtering.*"
-        r"train  Country    causal      0       0",
-    ):
-        build_dataset(request, tiny_target, progress=False)
-    assert not data_cache.exists() or not any(data_cache.iterdir())  # nothing half-written
-
-
-def test_an_interrupted_build_leaves_no_dataset(smollm2, data_cache, monkeypatch):
+def test_an_interrupted_build_leaves_no_dataset(smollm2, cache_root, monkeypatch):
     from datasets import DatasetDict
 
     def crash(self, path, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(DatasetDict, "save_to_disk", crash)
-    request = _oracle_request(max_examples=8)
     with pytest.raises(KeyboardInterrupt):
-        build_dataset(request, OracleTarget(smollm2.tokenizer), progress=False)
-    assert not dataset_folder(request).exists()
+        build_dataset(_request(), _planted(smollm2), progress=False)
+    assert not dataset_folder(_request()).exists()
 
 
-def test_bad_requests_name_the_value(smollm2, data_cache):
+def test_out_is_exactly_where_the_dataset_is(smollm2, tmp_path):
+    from datasets import load_from_disk
+
+    target = _planted(smollm2)
+    out = tmp_path / "data" / "city"
+    build_dataset(_request(), target, out=out, known_root=tmp_path / "known", progress=False)
+    assert len(load_from_disk(str(out))["test"]) == 10
+    with pytest.raises(ValueError, match="holds the dataset of another request"):
+        build_dataset(_request(seed=5), target, out=out, known_root=tmp_path / "known", progress=False)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        build_dataset(_request(), target, out=tmp_path / "a_file", progress=False)
+
+
+def test_another_target_of_the_same_name_rebuilds(smollm2, cache_root, capsys):
+    first = build_dataset(_request(), _planted(smollm2, share=2), progress=False)
+    second = build_dataset(_request(), _planted(smollm2, share=3), progress=False)
+    assert "built with another target of this name; rebuilding" in capsys.readouterr().out
+    assert first["train"].to_list() != second["train"].to_list()
+
+
+def test_bad_requests_name_the_value(smollm2, cache_root):
     with pytest.raises(ValueError, match="unknown RAVEL domain 'town'"):
         build_dataset(DataRequest(domain="town"))
     with pytest.raises(ValueError, match="unknown attribute 'Mayor'.*allowed: Country, Continent"):
         DataRequest(attributes=("Mayor",)).validate()
     with pytest.raises(ValueError, match="'Gender Bias' of RAVEL domain 'occupation' has no values"):
         DataRequest(domain="occupation", attributes=("Duty", "Gender Bias")).validate()
+    with pytest.raises(ValueError, match="attributes is empty"):
+        DataRequest(attributes=()).validate()
+    with pytest.raises(ValueError, match="'all' stands alone"):
+        DataRequest(attributes=("all", "Country")).validate()
     with pytest.raises(ValueError, match="test_share must be in"):
         DataRequest(test_share=1.0).validate()
     with pytest.raises(ValueError, match="max_examples must be at least 1"):
         DataRequest(max_examples=0).validate()
+    with pytest.raises(ValueError, match="max_examples must be an integer, got 2.5"):
+        DataRequest(max_examples=2.5).validate()
     with pytest.raises(ValueError, match="unknown source kinds"):
         DataRequest(sources=("news",)).validate()
-    with pytest.raises(ValueError, match="the target is 'oracle' but the request names 'smollm2-135m'"):
-        build_dataset(DataRequest(max_examples=4), OracleTarget(smollm2.tokenizer), progress=False)
-
-
-def test_the_embedded_default_builds_examples_it_knows(smollm2, data_cache):
-    request = DataRequest(max_examples=8, test_share=0.5, max_candidates_per_example=4)
-    data = build_dataset(request, smollm2, progress=False)
-    assert len(data["train"]) > 0 and len(data["test"]) > 0
-    report = load_report(dataset_folder(request))
-    assert all(r["kept"] <= r["passed"] <= r["total"] for r in report["rows"])
-    rows = data["train"].to_list() + data["test"].to_list()
-    assert filter_examples(smollm2, rows, progress=False) == [True] * len(rows)
-
-
-def test_the_target_dtype_is_part_of_the_request(smollm2, tmp_path):
-    fp32 = DataRequest(max_examples=8)
-    bf16 = DataRequest(max_examples=8, target_dtype="bfloat16")
-    assert fp32.key() != bf16.key()  # a bf16 run never reuses what an fp32 target filtered
-    oracle = OracleTarget(smollm2.tokenizer, name=fp32.target)
+    with pytest.raises(ValueError, match="the target is 'planted' but the request names 'smollm2-135m'"):
+        build_dataset(DataRequest(max_examples=4), PlantedTarget(smollm2.tokenizer, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"runs in torch.float32 but the request names 'bfloat16'"):
-        build_dataset(bf16, oracle, root=tmp_path, progress=False)
+        build_dataset(_request(target_dtype="bfloat16"), PlantedTarget(smollm2.tokenizer), progress=False)
     with pytest.raises(ValueError, match=r"target_dtype 'int8'; allowed"):
         DataRequest(target_dtype="int8").validate()
+
+
+def test_the_key_hashes_request_target_dtype_and_format(monkeypatch):
+    from hyperdas.data import build as build_module
+
+    request = DataRequest()
+    assert request.key() == DataRequest().key()
+    for other in (DataRequest(target="other"), DataRequest(max_examples=999), DataRequest(target_dtype="float32"),
+                  DataRequest(entities_per_template=25)):
+        assert other.key() != request.key()
+    before = request.key()
+    monkeypatch.setattr(build_module, "DATA_FORMAT_VERSION", build_module.DATA_FORMAT_VERSION + 1)
+    assert request.key() != before
+
+
+def test_on_the_embedded_default_doing_nothing_causes_nothing(smollm2, cache_root):
+    """The unpatched target answers the base's value: no causal example is right (cause floor 0), every isolate
+    example is (isolate floor 100), except where its argmax is a near-tie that batch padding could flip."""
+    request = DataRequest(attributes=("Continent",), isolate_attributes=("Country",), target_dtype="float32",
+                          max_examples=48, test_share=0.5, entities_per_template=4)
+    data = build_dataset(request, smollm2, progress=False)
+    rows = data["train"].to_list() + data["test"].to_list()
+    batch = Collator(smollm2.tokenizer)(rows)
+    with torch.no_grad():
+        logits = smollm2.logits_at(batch["base_input_ids"], batch["base_attention_mask"], batch["label_positions"])
+    right = label_exact_match(logits, batch["label_ids"])
+    top2 = logits.topk(2, dim=-1).values
+    real = batch["label_ids"] != -100
+    margin = torch.where(real, top2[..., 0] - top2[..., 1], torch.inf).amin(dim=1)
+    clear = margin > 1e-3
+    causal = batch["is_causal"]
+    assert causal.any() and (~causal).any() and clear.float().mean() > 0.8
+    assert not right[causal & clear].any()
+    assert right[~causal & clear].all()

@@ -21,7 +21,9 @@ KEYS = {
     "instruction_input_ids",
     "instruction_attention_mask",
     "base_entity_last",
+    "base_entity_first",
     "source_entity_last",
+    "source_entity_first",
     "is_causal",
     "attribute",
     "domain",
@@ -78,6 +80,17 @@ def test_the_last_entity_token_is_selectable(tokenizer, examples):
             token = tokenizer.decode([int(batch[f"{name}_input_ids"][b, last])])
             assert token.strip() and entity.endswith(token.strip()), (entity, token)
             assert not batch[f"{name}_intervention_mask"][b, last + 1 :].any()
+
+
+def test_the_entity_spans_spell_the_entities(tokenizer, examples):
+    batch = Collator(tokenizer)(examples)
+    for b, e in enumerate(examples):
+        for name, entity in (("base", e["entity"]), ("source", e["counterfactual_entity"])):
+            first, last = int(batch[f"{name}_entity_first"][b]), int(batch[f"{name}_entity_last"][b])
+            span = tokenizer.decode(batch[f"{name}_input_ids"][b, first : last + 1].tolist())
+            before = tokenizer.decode(batch[f"{name}_input_ids"][b, first + 1 : last + 1].tolist())
+            assert entity in span and entity not in before, (entity, span)  # the shortest span that spells it
+            assert batch[f"{name}_intervention_mask"][b, first : last + 1].all()
 
 
 def test_masks_cover_the_prefix_only(tokenizer, examples):

@@ -6,7 +6,8 @@ import pytest
 
 from hyperdas.data.examples import (
     FIELDS,
-    CandidateSampler,
+    PairSampler,
+    every_entity_known,
     fill,
     isolate_attributes_for,
     label_text,
@@ -85,11 +86,12 @@ def test_seeded_and_reproducible():
     assert one != make_examples("city", ["Country"], 20, seed=8)
 
 
-def test_a_sampler_never_repeats_a_verified_fact():
-    sampler = CandidateSampler(load_domain("city"), "train", "Continent", "causal", seed=0)
+def test_a_sampler_never_repeats_a_pair():
+    city = load_domain("city")
+    sampler = PairSampler(city, "train", "Continent", "causal", every_entity_known(city), seed=0)
     drawn = sampler.take(3000)
-    facts = {(e["template"], e["counterfactual_entity"]) for e in drawn}
-    assert len(facts) == len(drawn) == 3000
+    pairs = {(e["template"], e["entity"], e["counterfactual_entity"]) for e in drawn}
+    assert len(pairs) == len(drawn) == 3000
 
 
 def test_every_domain_makes_examples():
@@ -155,8 +157,30 @@ def test_a_small_pool_is_exhausted():
         template_split={"%s has x": "train", "%s: x is": "test"},
         wikipedia={"train": [WikipediaContext("about %s", "A")], "test": []},
     )
-    sampler = CandidateSampler(domain, "train", "x", "causal", seed=0)
+    sampler = PairSampler(domain, "train", "x", "causal", every_entity_known(domain), seed=0)
     drawn = sampler.take(100)
-    # one train template x three source entities = three facts
-    assert sorted(e["counterfactual_entity"] for e in drawn) == ["A", "B", "C"]
+    # one train template; base A takes source B or C, bases B and C take source A: four pairs
+    assert sorted((e["entity"], e["counterfactual_entity"]) for e in drawn) == [
+        ("A", "B"), ("A", "C"), ("B", "A"), ("C", "A")]
     assert sampler.exhausted and sampler.take(5) == []
+
+
+def test_only_known_prompts_are_paired():
+    domain = RavelDomain(
+        name="toy",
+        entity_attributes={e: {"x": v, "y": w} for e, v, w in
+                           [("A", "1", "p"), ("B", "2", "q"), ("C", "2", "p"), ("D", "3", "q")]},
+        attribute_prompts={"x": ["%s has x"], "y": ["%s has y"]},
+        template_split={"%s has x": "train", "%s has y": "train"},
+        wikipedia={"train": [WikipediaContext("about %s", "D"), WikipediaContext("on %s", None)], "test": []},
+    )
+    known = {("x", "%s has x"): ["A", "B", "D"], ("y", "%s has y"): ["C"]}  # C's x and A/B/D's y unknown
+    causal = PairSampler(domain, "train", "x", "causal", known, seed=1).take(100)
+    assert {e["entity"] for e in causal} == {"A", "B", "D"} and {e["counterfactual_entity"] for e in causal} <= {
+        "A", "B", "D"}
+    assert len(causal) == 6  # every ordered pair of A, B, D has different values of x
+    isolate = PairSampler(domain, "train", "x", "isolate", known, isolate_attributes=["y"], seed=1).take(100)
+    assert {e["entity"] for e in isolate} == {"C"}  # the only known y prompt
+    assert {e["counterfactual_entity"] for e in isolate} == {"B", "D"}  # another value of y than C's
+    ties = PairSampler(domain, "train", "x", "causal", known, seed=1, tie=lambda t, b, s: {b, s} == {"A", "D"})
+    assert len(ties.take(100)) == 4 and ties.ties == 2

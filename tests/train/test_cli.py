@@ -58,6 +58,6 @@ def test_eval_reads_a_saved_checkpoint_and_writes_results(smollm2, tmp_path, mon
     assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--modes", "soft,groundtruth"]) == 0
     out = tmp_path / "ckpt" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"soft", "groundtruth"}
+    assert set(metrics) == {"floor", "ceiling", "soft", "groundtruth"}
     assert metrics["soft"]["overall"]["n_causal"] + metrics["soft"]["overall"]["n_isolate"] == len(rows)
     assert "| groundtruth | **overall** |" in capsys.readouterr().out

@@ -8,25 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import hyperdas.targets
 from hyperdas.data.build import DataRequest
+from hyperdas.testing import PlantedTarget
 from hyperdas.train import cli, data_command
-
-
-class _KnowItAll:
-    """A target that predicts every next token right (the filter keeps everything), named "oracle"."""
-
-    name = "oracle"
-    device = torch.device("cpu")
-    dtype = torch.float32
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def logits_at(self, input_ids, attention_mask, positions):
-        return torch.nn.functional.one_hot(input_ids.gather(1, positions + 1), len(self.tokenizer)).float()
+from hyperdas.train.config import load_run_config
+from hyperdas.train.data_source import data_request
 
 
 @pytest.fixture
@@ -41,12 +29,20 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def test_no_arguments_means_the_default_request():
-    assert data_command.request_from_args(_parse([])) == DataRequest()
+def test_no_arguments_means_the_main_jobs_data():
+    main_job = data_request(load_run_config())
+    assert data_command.request_from_args(_parse([])) == main_job
+    assert main_job.key() == DataRequest(attributes=("Country", "Continent", "Language")).key()  # README's example
     args = _parse(["--attributes", "Country, Language", "--isolate-attributes", "Timezone", "--sources", "wikipedia"])
     request = data_command.request_from_args(args)
     assert request.attributes == ("Country", "Language") and request.isolate_attributes == ("Timezone",)
     assert request.sources == ("wikipedia",)
+    verb = data_command.request_from_args(_parse(["--domain", "verb"]))
+    assert verb.asks_for_all and verb.requested_attributes() == ("Definition", "Singular", "Past Tense",
+                                                                 "Pronunciation")
+
+
+PLANTED = ["--target", "planted", "--dtype", "float32", "--entities-per-template", "3"]
 
 
 def test_build_then_reuse(smollm2, data_cache, monkeypatch, capsys):
@@ -54,29 +50,32 @@ def test_build_then_reuse(smollm2, data_cache, monkeypatch, capsys):
 
     def load(name, device=None, **kwargs):
         loads.append((name, device))
-        return _KnowItAll(smollm2.tokenizer)
+        return PlantedTarget(smollm2.tokenizer)
 
     monkeypatch.setattr(hyperdas.targets, "load_target", load)
-    argv = ["data", "--target", "oracle", "--max-examples", "12", "--test-share", "0.25", "--quiet", "--device", "cpu"]
+    argv = ["data", *PLANTED, "--max-examples", "12", "--test-share", "0.25", "--quiet", "--device", "cpu"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "split  attribute  type" in out and "train  Country    causal" in out
+    assert "known prompts (the target answers" in out and "train  Country             causal" in out
     assert "examples: train 9, test 3 (built" in out
     folder = Path(out.split("data: ")[1].strip())
     assert folder.parent == data_cache and (folder / "filter_report.json").is_file()
-    assert loads == [("oracle", "cpu")]
+    assert loads == [("planted", "cpu")]
 
     assert cli.main(argv) == 0  # the second time loads the data, not the target
     assert "(reused;" in capsys.readouterr().out
     assert len(loads) == 1
 
 
-def test_out_folder(smollm2, data_cache, tmp_path, monkeypatch, capsys):
-    know_it_all = _KnowItAll(smollm2.tokenizer)
+def test_out_is_the_dataset_folder(smollm2, data_cache, tmp_path, monkeypatch, capsys):
+    from datasets import load_from_disk
+
+    know_it_all = PlantedTarget(smollm2.tokenizer)
     monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, dtype=None, device=None: know_it_all)
     out_dir = tmp_path / "mine"
-    assert cli.main(["data", "--target", "oracle", "--max-examples", "4", "--quiet", "--out", str(out_dir)]) == 0
-    assert f"data: {out_dir}/city-" in capsys.readouterr().out
+    assert cli.main(["data", *PLANTED, "--max-examples", "12", "--quiet", "--out", str(out_dir)]) == 0
+    assert f"data: {out_dir}\n" in capsys.readouterr().out
+    assert len(load_from_disk(str(out_dir))["train"]) > 0
 
 
 @pytest.mark.parametrize(
@@ -89,6 +88,8 @@ def test_out_folder(smollm2, data_cache, tmp_path, monkeypatch, capsys):
             "'Gender Bias' of RAVEL domain 'occupation' has no",
         ),
         (["--max-examples", "0"], "max_examples must be at least 1"),
+        (["--attributes", ""], "empty attribute list ''"),
+        (["--device", "tpu"], "--device 'tpu'; allowed: cpu, cuda"),
     ],
 )
 def test_bad_options_exit_2_with_the_message(argv, message, data_cache, capsys):
@@ -97,12 +98,14 @@ def test_bad_options_exit_2_with_the_message(argv, message, data_cache, capsys):
     assert err.startswith("hyperdas data: error: ") and message in err
 
 
-def test_zero_examples_exit_2_with_the_counts(tiny_target, data_cache, monkeypatch, capsys):
-    monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, dtype=None, device=None: tiny_target)
-    argv = ["data", "--target", tiny_target.name, "--max-examples", "4", "--quiet"]
+def test_zero_examples_exit_2_with_the_counts(smollm2, data_cache, monkeypatch, capsys):
+    knows_nothing = PlantedTarget(smollm2.tokenizer, set())
+    monkeypatch.setattr(hyperdas.targets, "load_target", lambda name, dtype=None, device=None: knows_nothing)
+    argv = ["data", *PLANTED, "--attributes", "Country,Continent", "--max-examples", "4", "--quiet"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "survives filtering" in err and "train  Country    causal" in err
+    assert "can be made from the prompts target 'planted' knows" in err
+    assert "train  Country                 0 /    66" in err
 
 
 def test_the_console_script_reports_errors(data_cache):

@@ -109,9 +109,13 @@ def test_run_writes_the_run_folder(tiny_run):
     for name in ("metrics.json", "report.md", "selection_heatmap.png", "run_config.yaml", "train_log.jsonl"):
         assert (out / name).is_file(), name
     assert (out / "model" / "hyperdas.safetensors").is_file()
-    assert set(metrics) == {"soft", "column_argmax", "groundtruth"}
+    assert set(metrics) == {"floor", "ceiling", "soft", "column_argmax", "groundtruth"}
+    assert set(metrics["soft"]["selection"]["overall"]) >= {"moved", "base_entity_share", "source_entity_share"}
+    assert "selection" not in metrics["floor"]
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    assert "| soft | **overall** |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| soft | **overall** |" in report and "| floor | **overall** |" in report
+    assert "- soft: disentangle" in report and "points over the floor" in report
     assert len(_losses(out)) == 5
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_000004", "step_000005"]  # the last two are kept
