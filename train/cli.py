@@ -1,4 +1,4 @@
-"""The `hyperdas` command line: `hyperdas data`, `hyperdas train`, `hyperdas eval`.
+"""The `hyperdas` command line: `hyperdas data`, `train`, `eval`, `baseline` and `compare`.
 
 Each subcommand lives in its own module with two functions, ``add_arguments(parser)`` and ``run(args)``;
 this file only wires them up, importing each lazily so `hyperdas --help` stays fast.
@@ -15,6 +15,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("hyperdas.train.data_command", "build (or reuse) filtered RAVEL counterfactual data for a target"),
     "train": ("hyperdas.train.train_command", "train HyperDAS (no arguments: the main job on the embedded default)"),
     "eval": ("hyperdas.train.eval_command", "evaluate a checkpoint in every inference mode"),
+    "baseline": ("hyperdas.train.baseline_command", "train and evaluate RAVEL's DAS or MDAS on a run's data"),
+    "compare": ("hyperdas.train.compare_command", "one table of runs' results (floor, baselines, HyperDAS)"),
 }
 
 
