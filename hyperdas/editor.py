@@ -5,8 +5,8 @@ Each layer, with pre-RMSNorm and a residual around each block (METHOD.md §2):
   2. cross-attention to the SOURCE run's states,
   3. cross-attention to the BASE run's states,
   4. SwiGLU MLP.
-Keys/values of a cross-attention are all N hidden states of every token of that run, each L2-normalised,
-flattened to S = T·N keys, masked by the run's intervention mask. Since the projections are linear,
+Keys/values of a cross-attention are all N hidden states of every selectable token of that run (its
+intervention mask), each L2-normalised, flattened to S = W·N keys (``RunKeys``). Since the projections are linear,
 k_proj(x/‖x‖) = k_proj(x)/‖x‖: the normalisation is passed as a per-key scale (``inv_norm``) and no
 normalised copy of the (B, S, D) states is made. Every block owns its weights (the reference aliased one
 tensor for all three attention blocks, so AdamW updated it three times a step).
@@ -27,13 +27,19 @@ from hyperdas.targets import FrozenTarget, causal_padding_bias, position_ids_fro
 
 @dataclass
 class RunKeys:
-    """One target run, seen as the keys of a cross-attention.
+    """One target run, seen as the keys of a cross-attention: the selectable tokens' states at every layer.
+
+    Keys of tokens outside the run's intervention mask are masked out of the attention anyway, so only the
+    selectable tokens are kept, moved to the front of each row in their order (the attention is invariant to
+    the order of its keys; each key keeps its own RoPE position). That skips the key/value projections, RoPE and
+    scores of the masked majority of the T·N states (the base suffix, the labels, the source suffix, padding).
 
     Attributes:
-        states: (B, S, D) raw hidden states, S = T·N, token-major (s = t·N + n).
-        inv_norm: (B, S) float32, 1/‖states_s‖.
-        positions: (B, S) long RoPE positions: real-token index t'·N + n (left padding does not count).
-        mask: (B, S) bool: the token is selectable (its run's intervention mask).
+        states: (B, S, D) raw hidden states, S = W·N with W the most selectable tokens of a row, token-major
+            (s = w·N + n).
+        inv_norm: (B, S) float32 (float64 for float64 states), 1/‖states_s‖.
+        positions: (B, S) long RoPE positions: real-token index t'·N + n of the key's token t' and layer n.
+        mask: (B, S) bool: the key is a selectable token's (False on the padding of rows with fewer).
     """
 
     states: torch.Tensor
@@ -45,13 +51,22 @@ class RunKeys:
     def from_states(cls, states: torch.Tensor, attention_mask: torch.Tensor, intervention_mask: torch.Tensor):
         """states: (B, T, N, D); attention_mask: (B, T); intervention_mask: (B, T) bool."""
         b, t, n, d = states.shape
-        flat = states.reshape(b, t * n, d)
+        selectable = intervention_mask.bool()
+        counts = selectable.sum(dim=1)  # (B,)
+        width = max(int(counts.max()), 1)
+        # the selectable tokens first, in order (a stable sort of "not selectable"), then the others
+        order = torch.argsort((~selectable).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, W)
+        valid = torch.arange(width, device=states.device)[None] < counts[:, None]  # (B, W)
+        picked = states.gather(1, order[:, :, None, None].expand(b, width, n, d))  # (B, W, N, D)
+        flat = picked.reshape(b, width * n, d)
         # half-precision states accumulate in fp32 without materialising an fp32 copy of (B, S, D)
         wide = torch.float32 if flat.dtype in (torch.bfloat16, torch.float16) else None
-        inv_norm = torch.linalg.vector_norm(flat, dim=-1, dtype=wide).float().clamp_min(1e-12).reciprocal()
+        norm = torch.linalg.vector_norm(flat, dim=-1, dtype=wide)
+        inv_norm = norm.to(torch.promote_types(norm.dtype, torch.float32)).clamp_min(1e-12).reciprocal()
         layer_index = torch.arange(n, device=states.device)
-        positions = (position_ids_from_mask(attention_mask)[:, :, None] * n + layer_index).reshape(b, t * n)
-        mask = intervention_mask.bool()[:, :, None].expand(b, t, n).reshape(b, t * n)
+        token_positions = position_ids_from_mask(attention_mask).gather(1, order)  # (B, W)
+        positions = (token_positions[:, :, None] * n + layer_index).reshape(b, width * n)
+        mask = valid[:, :, None].expand(b, width, n).reshape(b, width * n)
         return cls(flat, inv_norm, positions, mask)
 
 

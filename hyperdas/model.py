@@ -298,12 +298,13 @@ class HyperDAS(nn.Module):
             patched = interchange(
                 encoded.h, encoded.s, selection, basis, position_mask=encoded.base_mask, use_triton=use_triton
             )
+        mask, positions = batch["base_attention_mask"], batch["label_positions"]
+        if int(positions.max()) < mask.shape[1] - 1:
+            # rows are left padded, so the last column holds every row's last label token: it predicts nothing
+            # that is read, and causal attention lets no earlier position see it
+            patched, mask = patched[:, :-1], mask[:, :-1]
         return self.target.run_from_layer(
-            patched,
-            k,
-            batch["base_attention_mask"],
-            batch["label_positions"],
-            checkpoint_layers=self.config.checkpoint_target_layers,
+            patched, k, mask, positions, checkpoint_layers=self.config.checkpoint_target_layers
         )
 
     @torch.no_grad()
