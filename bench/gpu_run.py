@@ -42,6 +42,7 @@ import datetime
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,7 +69,9 @@ MIN_START_S = 10.0
 
 @dataclass(frozen=True)
 class Limits:
-    """Time limits in seconds: the whole run, and each subprocess (cut to what is left of the run)."""
+    """Time limits in seconds: the whole run, each subprocess (cut to what is left of the run), and what the
+    tests, the benchmarks and the training step leave of the budget for the steps after them (the figures
+    that matter most come in steps 3 and 4, so slow tests must not starve them)."""
 
     budget: float
     environment: float
@@ -79,12 +82,17 @@ class Limits:
     per_benchmark: float
     training_step: float
     zero3: float
+    tests_leave: float
+    benchmarks_leave: float
+    training_leave: float
 
 
 GPU_LIMITS = Limits(budget=510, environment=90, test_file=180, per_test=120, test_jobs=4, benchmark_file=150,
-                    per_benchmark=90, training_step=210, zero3=150)
+                    per_benchmark=90, training_step=210, zero3=150, tests_leave=320, benchmarks_leave=190,
+                    training_leave=50)
 SMOKE_LIMITS = Limits(budget=150, environment=40, test_file=60, per_test=30, test_jobs=2, benchmark_file=60,
-                      per_benchmark=40, training_step=75, zero3=45)
+                      per_benchmark=40, training_step=75, zero3=45, tests_leave=70, benchmarks_leave=50,
+                      training_leave=15)
 
 
 @dataclass
@@ -160,12 +168,14 @@ class Run:
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def limit(self, nominal: float) -> float:
-        return max(0.0, min(nominal, self.time_left()))
+    def limit(self, nominal: float, leave: float = 0.0) -> float:
+        """A subprocess's time limit: ``nominal``, cut to what is left of the budget less ``leave``."""
+        return max(0.0, min(nominal, self.time_left() - leave))
 
-    def command(self, title: str, command: list[str], nominal_limit: float, extra_env: dict | None = None) -> Outcome:
+    def command(self, title: str, command: list[str], nominal_limit: float, extra_env: dict | None = None,
+                leave: float = 0.0) -> Outcome:
         """Run a command in its own process group from the repository root; kill the group at its limit."""
-        limit = self.limit(nominal_limit)
+        limit = self.limit(nominal_limit, leave)
         env = self.env | (extra_env or {})
         start = time.monotonic()
         with tempfile.TemporaryFile("w+") as sink:
@@ -281,11 +291,12 @@ def step_kernel_tests(run: Run, label: str) -> list[Row]:
     extra = ["-k", SMOKE_TEST_SELECTION] if run.smoke else []
 
     def one(file: Path) -> Row:
-        if run.time_left() < MIN_START_S:
+        if run.limit(run.limits.test_file, run.limits.tests_leave) < MIN_START_S:
             return Row(label, file.name, "skipped", why="the run's time budget is spent")
         junit = run.work / f"junit_tests_{file.stem}.xml"
         command = pytest_command(file.relative_to(REPO), junit, run.limits.per_test, *extra)
-        outcome = run.command(f"kernel tests {file.name}", command, run.limits.test_file)
+        outcome = run.command(f"kernel tests {file.name}", command, run.limits.test_file,
+                              leave=run.limits.tests_leave)
         return pytest_row(label, file.name, outcome, junit)
 
     with ThreadPoolExecutor(max_workers=run.limits.test_jobs) as pool:
@@ -297,13 +308,14 @@ def step_kernel_benchmarks(run: Run, label: str) -> list[Row]:
     extra = ["--benchmark-only"] + (["--benchmark-max-time=0.05", "--benchmark-min-rounds=2"] if run.smoke else [])
     for name in KERNEL_BENCHMARKS:
         what = f"bench/{name}"
-        if run.time_left() < MIN_START_S:
+        if run.limit(run.limits.benchmark_file, run.limits.benchmarks_leave) < MIN_START_S:
             rows.append(Row(label, what, "skipped", why="the run's time budget is spent"))
             continue
         junit, result = run.work / f"junit_bench_{Path(name).stem}.xml", run.work / f"bench_{Path(name).stem}.json"
         command = pytest_command(Path("bench") / name, junit, run.limits.per_benchmark, *extra,
                                  f"--benchmark-json={result}")
-        outcome = run.command(f"kernel benchmarks {name}", command, run.limits.benchmark_file)
+        outcome = run.command(f"kernel benchmarks {name}", command, run.limits.benchmark_file,
+                              leave=run.limits.benchmarks_leave)
         row = pytest_row(label, what, outcome, junit)
         if result.is_file():
             data = json.loads(result.read_text())
@@ -347,7 +359,7 @@ def describe_largest(result: dict) -> str:
 
 
 def step_training(run: Run, label: str) -> list[Row]:
-    limit = run.limit(run.limits.training_step)
+    limit = run.limit(run.limits.training_step, run.limits.training_leave)
     if limit < MIN_START_S:
         return [Row(label, "training_step_at_scale.py", "skipped", why="the run's time budget is spent")]
     command = python("training_step_at_scale.py", "--json", str(run.step_json), "--budget-s", f"{limit - 15:.0f}",
@@ -377,7 +389,7 @@ def step_zero3(run: Run, label: str) -> list[Row]:
     rows = []
     for config in ZERO3_CONFIGS:
         what = f"train/configs/{config}.json"
-        if run.time_left() < MIN_START_S:
+        if run.limit(run.limits.zero3) < MIN_START_S:
             rows.append(Row(label, what, "skipped", why="the run's time budget is spent"))
             continue
         result_file = run.work / f"zero3_{config}.json"
@@ -485,15 +497,18 @@ def main(argv: list[str] | None = None) -> int:
     if installed is not None:
         run.rows.append(installed)
     goals_table, steps_table = write_summary(run)
-    for label, step in STEPS:
-        try:
-            rows = step(run, label)
-        except Exception as err:  # noqa: BLE001 - a broken step is recorded; the next one still runs
-            rows = [Row(label, "(the step itself)", "failed", 0.0, f"{type(err).__name__}: {err}")]
-        run.rows.extend(rows)
-        goals_table, steps_table = write_summary(run)
-        print(f"[{time.monotonic() - run.started:4.0f} s] {label}: "
-              + ", ".join(f"{row.what} {row.status}" for row in rows), flush=True)
+    try:
+        for label, step in STEPS:
+            try:
+                rows = step(run, label)
+            except Exception as err:  # noqa: BLE001 - a broken step is recorded; the next one still runs
+                rows = [Row(label, "(the step itself)", "failed", 0.0, f"{type(err).__name__}: {err}")]
+            run.rows.extend(rows)
+            goals_table, steps_table = write_summary(run)
+            print(f"[{time.monotonic() - run.started:4.0f} s] {label}: "
+                  + ", ".join(f"{row.what} {row.status}" for row in rows), flush=True)
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)  # junit reports and per-file JSON, merged into DIR by now
     print(f"\n{goals_table}\n\n{steps_table}")
     return 1 if any(row.status in ("failed", "timed out") for row in run.rows) else 0
 
