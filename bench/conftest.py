@@ -2,8 +2,9 @@
 
 `python -m pytest bench/ --benchmark-only` saves its results to
 bench/results/<device>_<UTC date and time>.json (unless --benchmark-json names another file), with the
-device (GPU name or CPU model), the versions of torch, triton, transformers and pyvene and the UTC date in
-the JSON's machine_info. bench/make_tables.py turns those files into the README's tables.
+device (GPU name or CPU model, from bench/device_stamp.py), the driver, the versions of torch, triton,
+transformers, pyvene and deepspeed and the UTC date in the JSON's machine_info. bench/make_tables.py turns
+those files into the README's tables.
 
 On CPU, torch runs on HYPERDAS_BENCH_CPU_THREADS threads (default 1): CPU timings only compare the PyTorch
 paths, and on a shared or oversubscribed machine OpenMP's spin-waiting makes multi-threaded timings of small
@@ -20,36 +21,15 @@ Fixture `memory_probe` measures one call of a step function:
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import os
-import platform
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 import torch
+from device_stamp import device_name, device_slug, driver_version, package_version
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _device_name() -> str:
-    """The GPU's name on CUDA, else the CPU model from /proc/cpuinfo (platform's answer as a fallback)."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), flags=re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 _STARTED = datetime.datetime.now(datetime.timezone.utc)
@@ -67,23 +47,23 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     if getattr(option, "collectonly", False):
         return
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", _device_name()).strip("-").lower() or "device"
     RESULTS.mkdir(exist_ok=True)
-    option.benchmark_json = RESULTS / f"{slug}_{_STARTED:%Y%m%dT%H%M%SZ}.json"
+    option.benchmark_json = RESULTS / f"{device_slug()}_{_STARTED:%Y%m%dT%H%M%SZ}.json"
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Stamp the device, the library versions and the date into the saved JSON."""
     machine_info.update(
         {
-            "device": _device_name(),
+            "device": device_name(),
             "device_kind": "cuda" if torch.cuda.is_available() else "cpu",
             "cuda_version": torch.version.cuda,
+            "driver": driver_version() if torch.cuda.is_available() else None,
             "torch": torch.__version__,
-            "triton": _version("triton"),
-            "transformers": _version("transformers"),
-            "pyvene": _version("pyvene"),
-            "deepspeed": _version("deepspeed"),
+            "triton": package_version("triton"),
+            "transformers": package_version("transformers"),
+            "pyvene": package_version("pyvene"),
+            "deepspeed": package_version("deepspeed"),
             "date_utc": _STARTED.isoformat(timespec="seconds"),
             "torch_num_threads": torch.get_num_threads(),
         }

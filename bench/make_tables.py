@@ -40,7 +40,7 @@ def _device(machine_info: dict) -> str:
 
 
 def load_rows(files: list[Path]) -> list[dict]:
-    """One row per benchmark in each file, with the fields the tables show."""
+    """One row per benchmark in each file, with the fields the tables show (and its whole extra_info as "info")."""
     rows = []
     for file in files:
         data = json.loads(file.read_text())
@@ -64,6 +64,7 @@ def load_rows(files: list[Path]) -> list[dict]:
                     "tflops": info.get("tflops"),
                     "peak": next((info[k] for k in PEAK_KEYS if info.get(k) is not None), None),
                     "saved": info.get("saved_for_backward_bytes"),
+                    "info": info,
                 }
             )
     return rows

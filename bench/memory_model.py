@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -62,7 +63,8 @@ class Step:
         editor_layers: L. rank: r. intervention_layer: k.
         engine: "deepspeed" or "plain" (single-process PyTorch: fp32 editor masters, bf16 autocast).
         stage: ZeRO stage (deepspeed). devices: processes sharing the model (deepspeed).
-        offload: "none", "optimizer" (optimizer state and fp32 gradients in CPU memory) or "all" (parameters too).
+        offload: "none", "optimizer" (optimizer state and fp32 gradients in CPU memory), "param" (parameters
+            only) or "all" (parameters and optimizer).
         bf16: bf16 weights (deepspeed) / autocast (plain), else fp32.
         checkpoint_editor / checkpoint_target: recompute editor layers / target layers k..end in backward.
         attention: "fused" (Triton kernel, CUDA) or "sdpa" (the PyTorch path, CPU).
@@ -96,7 +98,8 @@ def target_config(model: str):
     return targets_config(model)
 
 
-def _counts(model: str, step: Step):
+def parameter_counts(model: str, step: Step):
+    """Exact parameter counts of HyperDAS on ``model`` with this step's L and r (built on the meta device)."""
     from hyperdas.config import HyperDASConfig
     from hyperdas.train.deepspeed_engine import count_parameters
 
@@ -109,7 +112,7 @@ def _ds_config(step: Step) -> dict:
     zero: dict = {"stage": step.stage}
     if step.offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu"}
-    if step.offload == "all":
+    if step.offload in ("param", "all"):
         zero["offload_param"] = {"device": "cpu"}
     # as resolve_ds_config: stage 0 keeps fp32 trained weights under bf16 autocast
     return {"bf16": {"enabled": step.bf16 and step.stage > 0}, "zero_optimization": zero}
@@ -178,7 +181,7 @@ def activation_bytes(config, step: Step) -> dict[str, int]:
 
 def predict(model: str, step: Step, counts=None) -> dict[str, int]:
     """Bytes per device, by component, and their sum under "total" (peak of one step)."""
-    counts = counts or _counts(model, step)
+    counts = counts or parameter_counts(model, step)
     config = target_config(model)
     states = state_bytes(counts, step)
     acts = activation_bytes(config, step)
@@ -193,7 +196,7 @@ def predict(model: str, step: Step, counts=None) -> dict[str, int]:
 def largest_batch(model: str, step: Step, device_gib: float, reserve_gib: float = 2.0) -> int:
     """The most pairs per device whose predicted peak fits in ``device_gib`` minus a reserve (CUDA context,
     allocator fragmentation); 0 when not even one pair fits."""
-    counts = _counts(model, step)
+    counts = parameter_counts(model, step)
     budget = (device_gib - reserve_gib) * GIB
 
     def fits(batch: int) -> bool:
@@ -308,6 +311,37 @@ def check_against_tiny(steps: list[Step]) -> list[dict]:
     return rows
 
 
+def random_target(config) -> Callable:
+    """A ``make_target`` for ``hyperdas.train.deepspeed_engine.build_model``: random weights from ``config``
+    (under ZeRO-3 created partitioned, as a loaded target is)."""
+    from hyperdas.targets import build_random_target
+
+    return lambda name, dtype: build_random_target(config, dtype=dtype, seed=0)
+
+
+def measured_state_bytes(engine, device_type: str | None = None) -> dict[str, int]:
+    """Model states of a ZeRO-3 `DeepSpeedEngine` on this process, read off DeepSpeed's own buffers.
+
+    Args:
+        engine: the engine after at least one step (the optimizer state exists then).
+        device_type: count only tensors on this kind of device ("cuda": what an offload moved to CPU memory is
+            left out); None counts them all.
+    """
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if device_type in (None, t.device.type))
+
+    inner = engine.optimizer
+    return {
+        "target_weights": nbytes(p.ds_tensor for p in engine.model.target.parameters()),
+        "editor_weights": nbytes(p.ds_tensor for _, p in engine.model.trainable_named_parameters()),
+        "gradients": nbytes([inner.grad_partitions_flat_buffer]),
+        "optimizer": nbytes(inner.fp32_partitioned_groups_flat)
+        + nbytes(t for state in inner.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+                 and t.dim() > 0),
+    }
+
+
 def measure_states() -> dict:
     """ZeRO-3 model states of the tiny model (fp32, CPU) after one step, measured in DeepSpeed's own buffers
     on this process, beside ``model_state_bytes``'s prediction. Run alone (a group of one) or under torchrun.
@@ -315,14 +349,11 @@ def measure_states() -> dict:
     import torch.distributed as dist
 
     from hyperdas.config import HyperDASConfig
-    from hyperdas.model import HyperDAS
-    from hyperdas.targets import build_random_target
     from hyperdas.train.config import RunConfig
     from hyperdas.train.deepspeed_engine import (
         DeepSpeedEngine,
+        build_model,
         count_parameters,
-        editor_source,
-        enable_zero3_construction,
         init_distributed,
         leave_distributed,
         model_state_bytes,
@@ -340,30 +371,15 @@ def measure_states() -> dict:
     ds = resolve_ds_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, run,
                            world, "cpu")
     counts = count_parameters(model_config, target_config("tiny"))  # before ZeRO-3 construction is switched on
-    keep_alive = enable_zero3_construction(ds)
-    target = build_random_target(target_config("tiny"), seed=0)
-    model = HyperDAS(model_config, editor_source(target, 2, False))
-    model.target = target
+    model, keep_alive = build_model(run, ds, "cpu", random_target(target_config("tiny")))
     engine = DeepSpeedEngine(model, run, ds, keep_alive)
-    batch = synthetic_batch(target.config.vocab_size, step)
+    batch = synthetic_batch(model.target.config.vocab_size, step)
     engine.backward(engine.forward(batch).loss)
     engine.step()
-
-    def nbytes(tensors) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    inner = engine.optimizer
-    measured = {
-        "target_weights": nbytes(p.ds_tensor for p in engine.model.target.parameters()),
-        "editor_weights": nbytes(p.ds_tensor for _, p in engine.model.trainable_named_parameters()),
-        "gradients": nbytes([inner.grad_partitions_flat_buffer]),
-        "optimizer": nbytes(inner.fp32_partitioned_groups_flat)
-        + nbytes(t for state in inner.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-                 and t.dim() > 0),
-    }
+    measured = measured_state_bytes(engine)
     predicted = model_state_bytes(counts, ds, world)
     predicted.pop("gathered")
-    del engine, inner, model
+    del engine, model
     leave_distributed()
     return {"world_size": world, "rank": rank, "measured": measured, "predicted": predicted}
 
@@ -402,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=["deepspeed", "plain"], default="deepspeed")
     parser.add_argument("--stage", type=int, choices=[0, 1, 2, 3], default=3)
     parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--offload", choices=["none", "optimizer", "all"], default="none")
+    parser.add_argument("--offload", choices=["none", "optimizer", "param", "all"], default="none")
     parser.add_argument("--fp32", action="store_true", help="fp32 instead of bf16")
     parser.add_argument("--checkpoint-editor", action="store_true")
     parser.add_argument("--checkpoint-target", action="store_true")

@@ -10,29 +10,25 @@ Two cases, each forward ("fwd", no autograd graph) and forward + backward ("fwd_
   parametrised R: (D, r) in fp32; gradient to R. Paths: `pyvene` (pyvene's LowRankRotatedSpaceIntervention),
   `fused` (FusedLowRankRotatedSpaceIntervention on Triton) and `reference` (the same class on the PyTorch
   reference). All three evaluate R's orthogonal parametrisation inside the step, as a pyvene user's
-  forward does.
+  forward does. This case needs pyvene and is skipped without it (the hyperdas case runs regardless).
 CUDA: Llama-3-8B shapes (B=8 x Tb=512 = 4096 base tokens, Ts=48, D=4096, r=128, bf16 states). CPU: the
 PyTorch paths only, at a small fp32 shape (Triton interpreter timings mean nothing).
 
 extra_info per run: the minimal bytes the op must move (each input read once, each output written once)
-and the achieved GB/s; a device-to-device copy bandwidth measured in the same process and the fraction of it
-achieved (the goal: the fused forward reaches >= 80% of copy bandwidth); peak memory (CUDA) and the bytes
-autograd saves for backward (any device).
+and the achieved GB/s; a device-to-device copy bandwidth measured in the same process (bench/device_stamp.py)
+and the fraction of it achieved (the goal: the fused forward reaches >= 80% of copy bandwidth); peak memory
+(CUDA) and the bytes autograd saves for backward (any device).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import pytest
 import torch
+from device_stamp import copy_bandwidth_gbps
 
 from hyperdas.kernels.interchange import interchange, interchange_reference
-
-pv = pytest.importorskip("pyvene")
-from hyperdas.kernels.pyvene_intervention import FusedLowRankRotatedSpaceIntervention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -52,19 +48,8 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 @pytest.fixture(scope="module")
 def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in GB/s (read + write), median of 20 copies of 512 MiB (CPU: 64 MiB)."""
-    n = (512 if CUDA else 64) * 2**20
-    src = torch.empty(n, dtype=torch.uint8, device=DEVICE).fill_(1)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(20):
-        _sync()
-        start = time.perf_counter()
-        dst.copy_(src)
-        _sync()
-        times.append(time.perf_counter() - start)
-    return 2 * n / statistics.median(times) / 1e9
+    """Device-to-device copy bandwidth in GB/s (read + write) of a 1 GiB buffer (CPU: 64 MiB), this process."""
+    return copy_bandwidth_gbps(torch.device(DEVICE))
 
 
 def hyperdas_inputs() -> dict[str, torch.Tensor]:
@@ -153,6 +138,9 @@ def test_interchange_hyperdas(benchmark, memory_probe, copy_bandwidth, path: str
 def test_interchange_pyvene(benchmark, memory_probe, copy_bandwidth, path: str, mode: str) -> None:
     if path == "fused" and not CUDA:
         pytest.skip("the fused Triton op is timed on CUDA only (interpreter timings mean nothing)")
+    pv = pytest.importorskip("pyvene", reason="pyvene is not installed (the GPU run carries it as a wheel)")
+    from hyperdas.kernels.pyvene_intervention import FusedLowRankRotatedSpaceIntervention
+
     B, Tb, D, r = (SHAPE[k] for k in ("B", "Tb", "D", "r"))
     torch.manual_seed(0)
     theirs = pv.LowRankRotatedSpaceIntervention(embed_dim=D, low_rank_dimension=r).to(DEVICE)

@@ -17,6 +17,7 @@ import copy
 import gc
 import json
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,8 +214,14 @@ def editor_source(target: FrozenTarget, num_layers: int, with_embeddings: bool) 
     return FrozenTarget(shell, target.tokenizer, target.name, target.arch)
 
 
-def build_model(run: RunConfig, ds_config: dict, device_type: str) -> tuple[HyperDAS, object | None]:
+def build_model(
+    run: RunConfig, ds_config: dict, device_type: str, make_target: Callable[..., FrozenTarget] = load_target
+) -> tuple[HyperDAS, object | None]:
     """The HyperDAS model for a resolved DeepSpeed config; under ZeRO-3 the target is loaded partitioned.
+
+    Args:
+        make_target: ``make_target(name, dtype=...)`` gives the frozen target (default `load_target`; a builder
+            of random weights from a config serves speed and memory work at sizes not downloaded).
 
     Returns:
         (model, keep-alive handle): under ZeRO-3 the handle is transformers' ``HfDeepSpeedConfig``, which
@@ -225,11 +232,11 @@ def build_model(run: RunConfig, ds_config: dict, device_type: str) -> tuple[Hype
     handle = None
     if zero_stage(ds_config) < 3:
         torch.manual_seed(run.seed)
-        target = load_target(model_config.target, dtype=dtype)
+        target = make_target(model_config.target, dtype=dtype)
         model = HyperDAS(model_config, target)
     else:
         handle = enable_zero3_construction(ds_config)
-        target = load_target(model_config.target, dtype=dtype)
+        target = make_target(model_config.target, dtype=dtype)
         source = editor_source(target, model_config.chop_editor_at_layer, not model_config.freeze_editor_embeddings)
         torch.manual_seed(run.seed)
         model = HyperDAS(model_config, source)

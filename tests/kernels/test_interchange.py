@@ -296,10 +296,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the
         dict(basis="shared"),
         dict(basis="full", r=None),
         dict(select="identity", Ts=512),
+        dict(B=16, Tb=64, Ts=64, mask="random"),  # the training step's shape (B=16, T=64)
     ],
 )
 def test_llama3_8b_shapes_bf16_cuda(cfg):
-    """Llama-3-8B at layer 15: D=4096, r=128, 8 x 512 = 4096 base tokens, bf16 states, fp32 A."""
+    """Llama-3-8B at layer 15: D=4096, r=128, 8 x 512 = 4096 base tokens (and the step's 16 x 64), bf16 states,
+    fp32 A."""
     shape = dict(B=8, Tb=512, Ts=48, D=4096, r=128)
     shape.update(cfg)
     inputs = make_inputs(**shape, dtype=torch.bfloat16, device="cuda", seed=5)
