@@ -17,7 +17,18 @@ from hyperdas.config import HyperDASConfig
 from hyperdas.model import HyperDAS
 from hyperdas.targets import FrozenTarget
 
-LlamaInterpreterConfig = HyperDASConfig
+
+class LlamaInterpreterConfig(HyperDASConfig):
+    """HyperDASConfig under the authors' name; also takes their ``_attn_implementation`` attribute."""
+
+    @property
+    def _attn_implementation(self) -> str:
+        return self.attn_implementation.value
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str) -> None:
+        self.attn_implementation = value
+
 
 
 def LlamaInterpreter(  # noqa: N802 (the authors' class name, kept as a factory)

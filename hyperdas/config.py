@@ -1,13 +1,129 @@
-"""HyperDASConfig: everything that defines a HyperDAS model (the trained parts and where they act)."""
+"""HyperDASConfig: everything that defines a HyperDAS model (the trained parts and where they act).
+
+The closed sets (subspace module, selection mode, dtype, attention kernel) are string enums: a member equals
+its name as a string, and a name outside the set is an error that lists the allowed ones. Every field is
+checked for its type when the config is made, and an attribute that is not a field cannot be set, so a typo
+(``config.num_editng_heads = 32``) is an error instead of a silent no-op.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
-from dataclasses import asdict, dataclass, fields
+import types
+import typing
+from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 
-SUBSPACE_MODULES = ("ReflectSelect", "MaskSelect", "DAS", "full")
-SELECTION_MODES = ("soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth")
+
+class StrEnum(str, Enum):
+    """A string enum whose str() and format() are its value on every Python version."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def parse(cls, value, what: str):
+        """``value`` as a member, or a ValueError naming ``what``, the value and the allowed names."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown {what} {value!r}; allowed: {[m.value for m in cls]}") from None
+
+
+class SubspaceModule(StrEnum):
+    """How the encoding picks the subspace W (METHOD.md §4)."""
+
+    ReflectSelect = "ReflectSelect"  # noqa: N815 (the paper's names)
+    MaskSelect = "MaskSelect"  # noqa: N815
+    DAS = "DAS"
+    full = "full"
+
+
+class SelectionMode(StrEnum):
+    """How the soft selection A becomes the one an evaluation uses (METHOD.md §3)."""
+
+    soft = "soft"
+    column_argmax = "column_argmax"
+    bidding_argmax = "bidding_argmax"
+    global_argmax = "global_argmax"
+    groundtruth = "groundtruth"
+
+
+class DType(StrEnum):
+    """The target's weights and forward dtype (the trained parts keep fp32 masters whatever it is)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float64 = "float64"
+
+    @classmethod
+    def _missing_(cls, value):
+        """A torch.dtype (``torch.bfloat16``, as the paper's code sets it) names its member too."""
+        return cls.__members__.get(str(value).removeprefix("torch."))
+
+
+class AttentionKernel(StrEnum):
+    """The target's attention implementation: "auto" is eager on CPU, SDPA on GPU and for float64."""
+
+    auto = "auto"
+    sdpa = "sdpa"
+    eager = "eager"
+
+
+SUBSPACE_MODULES = tuple(m.value for m in SubspaceModule)
+SELECTION_MODES = tuple(m.value for m in SelectionMode)
+
+
+def check_type(value, hint, name: str):
+    """``value`` coerced to the annotation ``hint`` (enums from their names, ints for floats), or a ValueError."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"{name} may not be None")
+    for option in options:
+        if isinstance(option, type) and issubclass(option, StrEnum):
+            return option.parse(value, name)
+    if bool in options:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if int in options:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if float in options:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if str in options and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def plain_values(value):
+    """Dataclasses, dicts and lists as plain dicts and lists, enum members as their names (for YAML and JSON)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(v) for v in value]
+    return value.value if isinstance(value, Enum) else value
+
+
+def refuse_unknown_field(cls, name: str) -> None:
+    """Raise AttributeError for a name that is neither a field nor an attribute of ``cls``, with suggestions."""
+    names = [f.name for f in fields(cls)]
+    if name in names or hasattr(cls, name):
+        return
+    close = difflib.get_close_matches(name, names, n=2)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise AttributeError(f"{cls.__name__} has no field {name!r}{hint} Fields: {names}")
 
 
 @dataclass
@@ -25,9 +141,9 @@ class HyperDASConfig:
     intervention_layer: int = 10
     #: r: subspace size of ReflectSelect / MaskSelect / DAS. Paper: 128 of D=4096.
     das_dimension: int = 32
-    #: "ReflectSelect" (default: per-example Householder reflection of a learned basis), "MaskSelect",
-    #: "DAS" (one static basis for every example), "full" (patch the whole vector).
-    subspace_module: str = "ReflectSelect"
+    #: how the subspace is chosen: a per-example reflection of a learned basis (default), a mask, one static
+    #: basis for every example, or the whole vector.
+    subspace_module: SubspaceModule = SubspaceModule.ReflectSelect
     #: L: editor depth, built from the target's first L decoder layers. Paper's best ablation: 8.
     chop_editor_at_layer: int = 2
     #: heads of the selection head; None = the target's number of attention heads.
@@ -45,8 +161,22 @@ class HyperDASConfig:
     checkpoint_editor_layers: bool = False
     #: recompute target layers k..end in backward.
     checkpoint_target_layers: bool = False
-    #: target weights' dtype: "bfloat16" (default: the trained parts keep fp32 masters), "float32" or "float16".
-    torch_dtype: str = "bfloat16"
+    #: the target's weights and forward dtype; the trained parts keep fp32 masters and run under autocast to it.
+    torch_dtype: DType = DType.bfloat16
+    #: the target's attention kernel (see hyperdas.targets.attention_kernel_for).
+    attn_implementation: AttentionKernel = AttentionKernel.auto
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            object.__setattr__(self, f.name, check_type(getattr(self, f.name), hints[f.name], f.name))
+
+    def __setattr__(self, name: str, value) -> None:
+        refuse_unknown_field(type(self), name)
+        hints = typing.get_type_hints(type(self))
+        if name in hints:
+            value = check_type(value, hints[name], name)
+        super().__setattr__(name, value)
 
     # --- the paper's spelling ---------------------------------------------------------------------
     @property
@@ -60,21 +190,25 @@ class HyperDASConfig:
     @classmethod
     def from_pretrained(cls, target: str, **overrides) -> HyperDASConfig:
         """A config for a target (the seed README's `LlamaInterpreterConfig.from_pretrained(name)`)."""
-        return cls(target=target, **overrides)
+        config = cls(target=target)
+        for name, value in overrides.items():
+            setattr(config, name, value)
+        return config
 
     # --- checks and persistence ---------------------------------------------------------------------
     def validate(self, num_layers: int | None = None, hidden_size: int | None = None) -> None:
         """Raise ValueError naming any bad value and what is allowed (called before any heavy work)."""
-        if not isinstance(self.torch_dtype, str):  # the paper's code sets a torch.dtype here
-            self.torch_dtype = str(self.torch_dtype).removeprefix("torch.")
-        if self.subspace_module not in SUBSPACE_MODULES:
-            raise ValueError(f"unknown subspace_module {self.subspace_module!r}; allowed: {list(SUBSPACE_MODULES)}")
         if self.das_dimension < 1:
             raise ValueError(f"das_dimension must be >= 1, got {self.das_dimension}")
         if self.chop_editor_at_layer < 1:
             raise ValueError(f"chop_editor_at_layer must be >= 1, got {self.chop_editor_at_layer}")
-        if self.torch_dtype not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"torch_dtype {self.torch_dtype!r}; allowed: float32, bfloat16, float16, float64")
+        if self.num_editing_heads is not None and self.num_editing_heads < 1:
+            raise ValueError(f"num_editing_heads must be >= 1 or None, got {self.num_editing_heads}")
+        if not 0 < self.mask_temperature_end <= self.mask_temperature_start:
+            raise ValueError(
+                f"mask temperatures must satisfy 0 < end <= start, got start {self.mask_temperature_start}, "
+                f"end {self.mask_temperature_end}"
+            )
         if num_layers is not None:
             if not 0 <= self.intervention_layer <= num_layers - 1:
                 raise ValueError(
@@ -85,14 +219,14 @@ class HyperDASConfig:
                 raise ValueError(
                     f"chop_editor_at_layer {self.chop_editor_at_layer} exceeds the target's {num_layers} layers"
                 )
-        if hidden_size is not None and self.subspace_module != "full" and self.das_dimension > hidden_size:
+        if hidden_size is not None and self.subspace_module != SubspaceModule.full and self.das_dimension > hidden_size:
             raise ValueError(
                 f"das_dimension {self.das_dimension} exceeds the target's hidden size {hidden_size}: "
                 f"allowed 1..{hidden_size}"
             )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return plain_values(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> HyperDASConfig:
@@ -110,4 +244,8 @@ class HyperDASConfig:
         path = Path(folder) / "hyperdas_config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {folder} is not a HyperDAS checkpoint folder")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is damaged ({err}); the checkpoint folder {folder} cannot be used") from err
+        return cls.from_dict(values)

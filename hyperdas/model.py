@@ -117,6 +117,14 @@ def weighted_label_loss(
     return (example_weight * per_example).mean()
 
 
+def load_configured_target(config: HyperDASConfig, device: str | torch.device | None = None) -> FrozenTarget:
+    """The frozen target ``config`` names, in its dtype and with its attention kernel."""
+    return load_target(
+        config.target, dtype=getattr(torch, config.torch_dtype), device=device,
+        attn_implementation=config.attn_implementation,
+    )
+
+
 class HyperDAS(nn.Module):
     """The HyperDAS model. Only the editor, the selection head and the subspace module train.
 
@@ -129,7 +137,7 @@ class HyperDAS(nn.Module):
         super().__init__()
         config.validate()
         if target is None:
-            target = load_target(config.target, dtype=getattr(torch, config.torch_dtype))
+            target = load_configured_target(config)
         config.validate(num_layers=target.num_layers, hidden_size=target.hidden_size)
         self.config = config
         self.target = target

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import yaml
+
+from hyperdas.config import plain_values
 
 
 def _pct(value: float | None) -> str:
@@ -107,7 +108,7 @@ def render_report(metrics: dict, history: list[dict], run_config, heatmap_file: 
             f"![selection]({heatmap_file})",
             "",
         ]
-    config = dataclasses.asdict(run_config) if dataclasses.is_dataclass(run_config) else run_config
+    config = plain_values(run_config)
     parts += ["## Configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(parts)
 

@@ -84,14 +84,14 @@ def _sweep(run_config, config: BaselineConfig) -> tuple[dict, float]:
     import torch
 
     from hyperdas.cache import cache_root
+    from hyperdas.model import load_configured_target
     from hyperdas.state_cache import StateCache, plan_storage
-    from hyperdas.targets import load_target
     from hyperdas.train.data_source import load_run_data
     from hyperdas.train.trainer import PlainSetup
 
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else None
-    target = load_target(run_config.model.target, dtype=getattr(torch, run_config.model.torch_dtype), device=device)
+    target = load_configured_target(run_config.model, device=device)
     data = load_run_data(run_config, target, PlainSetup())
     rows = data.prompt_rows(data.train, list(range(len(data.train)))) + data.prompt_rows(
         data.test, list(range(len(data.test)))

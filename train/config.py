@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from hyperdas.config import SELECTION_MODES, HyperDASConfig
+from hyperdas.config import SELECTION_MODES, HyperDASConfig, plain_values
 from hyperdas.data.build import DataRequest
 from hyperdas.state_cache import STORAGES
 
@@ -113,6 +113,8 @@ class RunConfig:
     resume: str | None = None
     #: a DeepSpeed JSON config; None = single-process PyTorch.
     deepspeed: str | None = None
+    #: batches of similar lengths (one example per data shard still; see trainer.step_batches): less padding.
+    group_by_length: bool = True
     #: the frozen target's states of the train prompts, computed once and reused every epoch: "auto" (memory,
     #: else disk, else off, by size), "memory", "disk" or "off" (the target runs every step).
     state_cache: str = "auto"
@@ -212,7 +214,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
 
 
 def run_config_to_dict(config: RunConfig) -> dict:
-    return dataclasses.asdict(config)
+    """Plain values only (enum members as their names), as YAML and JSON write them."""
+    return plain_values(config)
 
 
 def save_run_config(config: RunConfig, path: str | Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperdas.cache import cache_root
@@ -29,19 +29,31 @@ class RunData:
     collator: Collator
     folder: Path
     states: StateCache | None = None
+    _lengths: list[int] | None = field(default=None, repr=False)
 
     def collate(self, split, indices: list[int]) -> dict:
         """The collated batch of rows ``indices`` of ``split``."""
         return self.collator([split[i] for i in indices])
 
-    def prompt_rows(self, split, indices: list[int], chunk: int = 64) -> list[tuple[int, ...]]:
-        """The real-token rows of the base and source prompts of examples ``indices``, as the collator makes them."""
-        rows = []
+    def pair_lengths(self) -> list[int]:
+        """Tokens of each training pair's base and source rows together, as the collator makes them (cached)."""
+        if self._lengths is None:
+            pairs = self.pair_rows(self.train, list(range(len(self.train))))
+            self._lengths = [len(base) + len(source) for base, source in pairs]
+        return self._lengths
+
+    def pair_rows(self, split, indices: list[int], chunk: int = 64) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(base row, source row) real-token ids of examples ``indices``, as the collator makes them."""
+        pairs = []
         for start in range(0, len(indices), chunk):
             batch = self.collate(split, indices[start : start + chunk])
-            rows += real_rows(batch["base_input_ids"], batch["base_attention_mask"])
-            rows += real_rows(batch["source_input_ids"], batch["source_attention_mask"])
-        return rows
+            bases = real_rows(batch["base_input_ids"], batch["base_attention_mask"])
+            pairs += zip(bases, real_rows(batch["source_input_ids"], batch["source_attention_mask"]), strict=True)
+        return pairs
+
+    def prompt_rows(self, split, indices: list[int]) -> list[tuple[int, ...]]:
+        """The real-token rows of the base and source prompts of examples ``indices``."""
+        return [row for pair in self.pair_rows(split, indices) for row in pair]
 
 
 def data_request(config: RunConfig) -> DataRequest:

@@ -22,12 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from hyperdas.config import HyperDASConfig
-    from hyperdas.model import HyperDAS
+    from hyperdas.model import HyperDAS, load_configured_target
     from hyperdas.report import metrics_table
-    from hyperdas.targets import load_target
     from hyperdas.train.config import RunConfig, load_run_config
     from hyperdas.train.data_source import load_run_data
     from hyperdas.train.engine import PlainEngine
@@ -50,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     config.model = HyperDASConfig.load(model_dir)
     if args.target:
         config.model.target = args.target
-    target = load_target(config.model.target, dtype=getattr(torch, config.model.torch_dtype))
+    target = load_configured_target(config.model)
     model = HyperDAS.from_pretrained(model_dir, target=target)
     engine = PlainEngine(model, config)
     data = load_run_data(config, target, PlainSetup())

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from hyperdas.model import LossWeights
-from hyperdas.targets import load_target, target_config
+from hyperdas.model import LossWeights, load_configured_target
+from hyperdas.targets import target_config
 from hyperdas.train.config import RunConfig, load_run_config, save_run_config
 from hyperdas.train.data_source import RunData, cache_train_states, load_run_data
 from hyperdas.train.engine import PlainEngine, TrainingEngine, micro_batch_plan
@@ -63,7 +63,7 @@ class PlainSetup:
     def build(self, config: RunConfig) -> TrainingEngine:
         from hyperdas.model import HyperDAS
 
-        target = load_target(config.model.target, dtype=getattr(torch, config.model.torch_dtype))
+        target = load_configured_target(config.model)
         config.model.validate(num_layers=target.num_layers, hidden_size=target.hidden_size)
         return PlainEngine(HyperDAS(config.model, target), config)
 
@@ -77,7 +77,13 @@ def check_against_target(config: RunConfig) -> None:
     config.model.validate(num_layers=target.num_hidden_layers, hidden_size=target.hidden_size)
 
 
-def step_batches(num_examples: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+#: consecutive global batches whose examples are regrouped by length (``step_batches``)
+LENGTH_WINDOW = 8
+
+
+def step_batches(
+    num_examples: int, global_batch: int, seed: int, epoch: int, lengths: list[int] | None = None
+) -> list[list[int]]:
     """The global batches of one epoch, each with one example of every data shard (the tail is dropped).
 
     Shard q holds the examples i with i mod global_batch = q; each epoch permutes every shard (seeded by seed,
@@ -85,6 +91,11 @@ def step_batches(num_examples: int, global_batch: int, seed: int, epoch: int) ->
     contiguous slice of every batch (``process_slices``), that is a fixed set of shards: whatever the number
     of processes the global batches are the same, and each process only ever sees its own shards' examples
     (so its state cache holds only those).
+
+    With ``lengths`` (one per example), every window of ``LENGTH_WINDOW`` consecutive batches is regrouped:
+    each shard's examples in the window are sorted by length and batch j takes the j-th shortest of every
+    shard, then the window's batches are shuffled. Each batch still holds one example per shard, but of
+    similar lengths, so left padding wastes less of every step (26% of the main job's grad pass unsorted).
     """
     steps = num_examples // global_batch
     shards = []
@@ -92,7 +103,16 @@ def step_batches(num_examples: int, global_batch: int, seed: int, epoch: int) ->
         members = torch.arange(q, num_examples, global_batch)
         generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + q)
         shards.append(members[torch.randperm(len(members), generator=generator)][:steps].tolist())
-    return [[shards[q][s] for q in range(global_batch)] for s in range(steps)]
+    if lengths is None:
+        return [[shards[q][s] for q in range(global_batch)] for s in range(steps)]
+    batches = []
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 7_919)
+    for start in range(0, steps, LENGTH_WINDOW):
+        window = range(start, min(start + LENGTH_WINDOW, steps))
+        by_length = [sorted((shard[s] for s in window), key=lambda i: (lengths[i], i)) for shard in shards]
+        grouped = [[by_length[q][j] for q in range(global_batch)] for j in range(len(window))]
+        batches += [grouped[j] for j in torch.randperm(len(grouped), generator=generator).tolist()]
+    return batches
 
 
 def process_slices(indices: list[int], rank: int, world_size: int, micro_batch: int) -> list[list[int]]:
@@ -138,6 +158,7 @@ class Trainer:
         self.engine: TrainingEngine | None = None
         self.data: RunData | None = None
         self.state = TrainState()
+        self._batches: dict[int, list[list[int]]] = {}
 
     # --- the recipe ----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -162,6 +183,14 @@ class Trainer:
         if cfg.resume and latest is not None:
             client = self.engine.load(latest)
             self.state = TrainState(**client)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of ``epoch`` (``step_batches``; grouped by length unless the config says not)."""
+        if epoch not in self._batches:
+            lengths = self.data.pair_lengths() if self.config.group_by_length else None
+            self._batches = {epoch: step_batches(len(self.data.train), self.config.global_batch_size,
+                                                 self.config.seed, epoch, lengths)}
+        return self._batches[epoch]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -197,7 +226,7 @@ class Trainer:
         try:
             while state.step < total and not interrupted.raised:
                 epoch, within = divmod(state.step, self.steps_per_epoch)
-                indices = step_batches(len(self.data.train), cfg.global_batch_size, cfg.seed, epoch)[within]
+                indices = self.epoch_batches(epoch)[within]
                 record = self._one_step(indices)
                 state.step += 1
                 state.elapsed_seconds = time.perf_counter() - started

@@ -88,6 +88,15 @@ def test_step_batches_are_a_seeded_permutation_and_processes_split_them():
     assert len(set(flat)) == 20 and set(flat) <= set(range(23))
     assert epoch0 == step_batches(23, 4, seed=1, epoch=0)
     assert epoch0 != step_batches(23, 4, seed=1, epoch=1)
+    lengths = [(7 * i) % 11 for i in range(23)]
+    grouped = step_batches(23, 4, seed=1, epoch=0, lengths=lengths)
+    assert sorted(map(sorted, grouped)) != sorted(map(sorted, epoch0)) and len(grouped) == 5
+    assert sorted(i for b in grouped for i in b) == sorted(flat)  # the same examples, regrouped
+    for b in grouped:
+        assert [i % 4 for i in b] == [0, 1, 2, 3]  # still one example of every shard, in shard order
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in grouped]
+    unsorted = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch0]
+    assert sum(spread) < sum(unsorted)
     batch = list(range(100, 112))
     parts = [process_slices(batch, rank, 3, 2) for rank in range(3)]
     assert all(len(p) == 2 and all(len(m) == 2 for m in p) for p in parts)
