@@ -12,9 +12,10 @@ target layer backward: the target is frozen, so only input gradients: the projec
     twice (dQ, dK, dV, dP);
 LM head: D·V per token, forward; its backward (input gradient) the same;
 editor layer on Te instruction tokens: self-attention and MLP as above at length Te, and two cross-attentions
-    whose keys and values are projected from all T·N states of a run (2·D·Hkv·hd per state token) and
-    attended by every query (2·T·N·H·hd per query token); it trains, so its backward is twice the forward,
-    except for the state projections (weight gradient only: the states take none).
+    whose keys and values are projected from the W·N states of a run's selectable tokens (2·D·Hkv·hd per
+    state token; W the widest row's count) and attended by every query (2·W·N·H·hd per query token); it
+    trains, so its backward is twice the forward, except for the state projections (weight gradient only:
+    the states take none).
 
 two-pass:  one no-grad pass over base and source (2B sequences, every layer, no LM head); layers k..end on the
            patched base with grad; the LM head at the P label positions only.
@@ -38,7 +39,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class StepShape:
     """One training step's shapes. batch: B pairs; seq_len: T; instruction_len: Te; label_tokens: P;
-    editor_layers: L; rank: r; intervention_layer: k."""
+    editor_layers: L; rank: r; intervention_layer: k; selectable_tokens: W, the widest row's selectable tokens
+    in a run (the mean of base and source; None: T), whose states alone are the editor's keys."""
 
     batch: int
     seq_len: int
@@ -47,6 +49,7 @@ class StepShape:
     editor_layers: int
     rank: int
     intervention_layer: int
+    selectable_tokens: float | None = None
 
 
 #: the shapes bench/test_training_step.py times (T: the mean of base 22 and source 20), and the paper's setting
@@ -81,7 +84,13 @@ def step_macs(config, shape: StepShape) -> dict[str, dict[str, float]]:
     def layers_bwd(sequences: int, count: int) -> float:
         return sequences * T * count * (projections + 2 * attention)
 
-    states = T * (n_layers + 1)  # key tokens of one run for the editor's cross-attention
+    after_k = n_layers - k
+    # the grad pass drops the last column (every left-padded row's last label token predicts nothing read)
+    Tg = T - 1
+    grad_pass = B * after_k * Tg * (2 * projections + 3 * 2 * Tg * H * hd)
+
+    W = T if shape.selectable_tokens is None else shape.selectable_tokens
+    states = W * (n_layers + 1)  # key tokens of one run for the editor's cross-attention (selectable tokens only)
     instruction_side = Te * (projections + 2 * Te * H * hd) + 2 * Te * 2 * H * hd * D  # self-attn, MLP, cross q/o
     state_projections = 2 * states * 2 * D * Hkv * hd  # keys and values of both runs' states
     cross_scores = 2 * Te * 2 * states * H * hd
@@ -95,10 +104,9 @@ def step_macs(config, shape: StepShape) -> dict[str, dict[str, float]]:
     scores = 3 * B * (T + 1) * T * D  # q · keys per head over Ts + 1 rows, and its two gradients
     selection_two = B * (12 * T + 3) * D * D + scores
     selection_four = B * (3 * T * T + 6 * T + 3) * D * D + scores
-    after_k = n_layers - k
     two = {
         "no-grad pass (base+source)": layers_fwd(2 * B, n_layers),
-        "grad pass k..end, fwd+bwd": layers_fwd(B, after_k) + layers_bwd(B, after_k),
+        "grad pass k..end (T - 1 columns), fwd+bwd": grad_pass,
         "LM head (label positions), fwd+bwd": 2 * B * P * D * V,
         "editor, fwd+bwd": editor,
         "selection head (per token), fwd+bwd": selection_two,
