@@ -31,6 +31,7 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "omegaconf>=2.3",  # typed run configs: merging, overrides and type checks
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff"],

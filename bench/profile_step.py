@@ -76,9 +76,8 @@ def main_job_batch(target, size: int) -> dict:
     from hyperdas.data.build import build_dataset
     from hyperdas.data.collate import Collator
     from hyperdas.train.config import load_run_config
-    from hyperdas.train.data_source import data_request
 
-    train = build_dataset(data_request(load_run_config()), target)["train"]
+    train = build_dataset(load_run_config().data_request(), target)["train"]
     return Collator(target.tokenizer)([train[i] for i in range(size)])
 
 

@@ -66,6 +66,14 @@ class DType(StrEnum):
         return cls.__members__.get(str(value).removeprefix("torch."))
 
 
+class EditorReads(StrEnum):
+    """Which runs the editor's cross-attention reads (the paper's ablations drop one of them)."""
+
+    both = "both"
+    source = "source"
+    base = "base"
+
+
 class AttentionKernel(StrEnum):
     """The target's attention implementation: "auto" is eager on CPU, SDPA on GPU and for float64."""
 
@@ -121,7 +129,7 @@ def refuse_unknown_field(cls, name: str) -> None:
     names = [f.name for f in fields(cls)]
     if name in names or hasattr(cls, name):
         return
-    close = difflib.get_close_matches(name, names, n=2)
+    close = difflib.get_close_matches(name, names, n=1)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise AttributeError(f"{cls.__name__} has no field {name!r}{hint} Fields: {names}")
 
@@ -150,6 +158,10 @@ class HyperDASConfig:
     num_editing_heads: int | None = None
     #: fresh random editor weights instead of copies of the target's first L layers.
     initialize_from_scratch: bool = False
+    #: ablations: the runs the editor attends to ("both"; "source" or "base": none of the other run's tokens),
+    #: and one cross-attention block for both runs instead of one each ("symmetric", needs "both").
+    editor_reads: EditorReads = EditorReads.both
+    editor_symmetric: bool = False
     #: share the target's (frozen) embedding table instead of training a copy: saves V x D parameters.
     freeze_editor_embeddings: bool = True
     #: MaskSelect's sigmoid temperature, annealed linearly from start to end over training.
@@ -202,6 +214,9 @@ class HyperDASConfig:
             raise ValueError(f"das_dimension must be >= 1, got {self.das_dimension}")
         if self.chop_editor_at_layer < 1:
             raise ValueError(f"chop_editor_at_layer must be >= 1, got {self.chop_editor_at_layer}")
+        if self.editor_symmetric and self.editor_reads != EditorReads.both:
+            raise ValueError(f"editor_symmetric reads both runs with one block: it needs editor_reads=both, "
+                             f"got {self.editor_reads}")
         if self.num_editing_heads is not None and self.num_editing_heads < 1:
             raise ValueError(f"num_editing_heads must be >= 1 or None, got {self.num_editing_heads}")
         if not 0 < self.mask_temperature_end <= self.mask_temperature_start:

@@ -101,20 +101,32 @@ class CrossAttention(nn.Module):
 
 
 class EditorLayer(nn.Module):
-    """Self-attention, source cross-attention, base cross-attention, MLP; each block its own weights."""
+    """Self-attention, source cross-attention, base cross-attention, MLP; each block its own weights.
 
-    def __init__(self, decoder_layer: nn.Module, config):
+    The paper's ablations: ``reads_source`` / ``reads_base`` False drop that cross-attention block (the editor
+    then never attends to that run's tokens); ``symmetric`` reads both runs with ONE cross-attention block (its
+    norm and weights shared by the two reads) instead of one block each.
+    """
+
+    def __init__(self, decoder_layer: nn.Module, config, reads_source: bool = True, reads_base: bool = True,
+                 symmetric: bool = False):
         super().__init__()
+        if symmetric and not (reads_source and reads_base):
+            raise ValueError("a symmetric editor reads both runs: it needs reads_source and reads_base")
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         own = copy.deepcopy  # every block gets its own copy of the weights it starts from
+
+        def cross():
+            return own(decoder_layer.input_layernorm), CrossAttention(own(decoder_layer.self_attn), heads, kv_heads,
+                                                                      head_dim)
+
         self.self_attn_norm = own(decoder_layer.input_layernorm)
         self.self_attn = own(decoder_layer.self_attn)
-        self.source_norm = own(decoder_layer.input_layernorm)
-        self.source_attn = CrossAttention(own(decoder_layer.self_attn), heads, kv_heads, head_dim)
-        self.base_norm = own(decoder_layer.input_layernorm)
-        self.base_attn = CrossAttention(own(decoder_layer.self_attn), heads, kv_heads, head_dim)
+        self.source_norm, self.source_attn = cross() if reads_source else (None, None)
+        self.base_norm, self.base_attn = cross() if reads_base and not symmetric else (None, None)
+        self.symmetric = symmetric
         self.mlp_norm = own(decoder_layer.post_attention_layernorm)
         self.mlp = own(decoder_layer.mlp)
 
@@ -126,8 +138,12 @@ class EditorLayer(nn.Module):
             hidden_states=self.self_attn_norm(x), position_embeddings=position_embeddings, attention_mask=self_bias
         )
         x = x + (attn[0] if isinstance(attn, tuple) else attn)
-        x = x + self.source_attn(self.source_norm(x), q_positions, source, inv_freq, backend)
-        x = x + self.base_attn(self.base_norm(x), q_positions, base, inv_freq, backend)
+        if self.source_attn is not None:
+            x = x + self.source_attn(self.source_norm(x), q_positions, source, inv_freq, backend)
+        base_norm, base_attn = (self.source_norm, self.source_attn) if self.symmetric else (self.base_norm,
+                                                                                              self.base_attn)
+        if base_attn is not None:
+            x = x + base_attn(base_norm(x), q_positions, base, inv_freq, backend)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -146,7 +162,8 @@ def _fresh_like(layer: nn.Module, config, index: int) -> nn.Module:
 class Editor(nn.Module):
     """The hypernetwork: instruction tokens in, encoding e (B, D) out (final-normed last instruction token)."""
 
-    def __init__(self, target: FrozenTarget, num_layers: int, from_scratch: bool, trainable_embeddings: bool):
+    def __init__(self, target: FrozenTarget, num_layers: int, from_scratch: bool, trainable_embeddings: bool,
+                 reads_source: bool = True, reads_base: bool = True, symmetric: bool = False):
         super().__init__()
         config = target.config
         rope_scale = getattr(target.rotary_emb, "attention_scaling", 1.0)
@@ -156,7 +173,9 @@ class Editor(nn.Module):
             )
         firsts = list(target.layers[:num_layers])
         sources = [_fresh_like(layer, config, i) for i, layer in enumerate(firsts)] if from_scratch else firsts
-        self.layers = nn.ModuleList(EditorLayer(layer, config) for layer in sources)
+        self.layers = nn.ModuleList(
+            EditorLayer(layer, config, reads_source, reads_base, symmetric) for layer in sources
+        )
         self.final_norm = copy.deepcopy(target.final_norm)
         self.rotary_emb = copy.deepcopy(target.rotary_emb)
         self.embed_tokens = copy.deepcopy(target.embed_tokens) if trainable_embeddings else None

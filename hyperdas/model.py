@@ -69,6 +69,16 @@ class Encoded:
 
 
 @dataclass
+class BatchEvaluation:
+    """One evaluation batch: label logits (B, P, V) and the selection used, per mode and reference, and the
+    subspace module's per-example analysis vectors (``describe``: ReflectSelect's reflection v (B, D), ...)."""
+
+    logits: dict[str, torch.Tensor]
+    selections: dict[str, torch.Tensor | None]
+    analysis: dict[str, torch.Tensor]
+
+
+@dataclass
 class HyperDASOutput:
     """What one forward gives.
 
@@ -144,7 +154,9 @@ class HyperDAS(nn.Module):
         d = target.hidden_size
         heads = config.num_editing_heads or target.config.num_attention_heads
         self.editor = Editor(
-            target, config.chop_editor_at_layer, config.initialize_from_scratch, not config.freeze_editor_embeddings
+            target, config.chop_editor_at_layer, config.initialize_from_scratch, not config.freeze_editor_embeddings,
+            reads_source=config.editor_reads != "base", reads_base=config.editor_reads != "source",
+            symmetric=config.editor_symmetric,
         )
         self.editor.gradient_checkpointing = config.checkpoint_editor_layers
         self.editor.backend = {None: None, True: "triton", False: "sdpa"}[config.use_fused_kernels]
@@ -318,24 +330,24 @@ class HyperDAS(nn.Module):
     @torch.no_grad()
     def evaluate_batch(
         self, batch: dict, modes: list[str], states: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    ) -> BatchEvaluation:
         """Label logits of every mode and of the two references, from ONE target pass and ONE editor pass.
 
-        Returns:
-            name -> (logits (B, P, V), selection used or None): each of ``modes``, plus ``FLOOR`` (no
-            intervention: the target's own answer) and ``CEILING`` (the whole vector of the last source entity
-            token patched into the last base entity token: how much cause the layer allows, isolation ignored).
+        Beside each of ``modes``: ``FLOOR`` (no intervention: the target's own answer) and ``CEILING`` (the whole
+        vector of the last source entity token patched into the last base entity token: how much cause the
+        layer allows, isolation ignored). ``analysis`` holds the subspace module's per-example vectors.
         """
         with self.precision_context(batch["base_input_ids"].device):
             encoded = self.encode(batch, states)
-            out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-            out[FLOOR] = (self.intervene(batch, encoded, None), None)
+            logits = {FLOOR: self.intervene(batch, encoded, None)}
+            selections: dict[str, torch.Tensor | None] = {FLOOR: None}
             groundtruth = self.select(batch, encoded, "groundtruth")
-            out[CEILING] = (self.intervene(batch, encoded, groundtruth, full_vector=True), groundtruth)
+            logits[CEILING] = self.intervene(batch, encoded, groundtruth, full_vector=True)
+            selections[CEILING] = groundtruth
             for mode in modes:
-                selection = groundtruth if mode == "groundtruth" else self.select(batch, encoded, mode)
-                out[mode] = (self.intervene(batch, encoded, selection), selection)
-            return out
+                selections[mode] = groundtruth if mode == "groundtruth" else self.select(batch, encoded, mode)
+                logits[mode] = self.intervene(batch, encoded, selections[mode])
+            return BatchEvaluation(logits, selections, self.subspace.describe(encoded.encoding))
 
     # --- persistence (the trained parts and the config; never the target's weights) ----------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
@@ -371,10 +383,15 @@ class HyperDAS(nn.Module):
         weights_path = folder / WEIGHTS_FILE
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path} not found: {folder} is not a HyperDAS checkpoint folder")
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(weights_path), "pt") as handle:
-            meta = handle.metadata() or {}
+        try:
+            with safe_open(str(weights_path), "pt") as handle:
+                meta = handle.metadata() or {}
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{weights_path} cannot be read ({err}): the file is damaged; export the model "
+                             "again (hyperdas train resume=RUN finishes and exports a run)") from err
         if target is not None:
             saved = (int(meta.get("hidden_size", -1)), int(meta.get("num_layers", -1)))
             if saved != (target.hidden_size, target.num_layers):
@@ -384,7 +401,6 @@ class HyperDAS(nn.Module):
                     f"and {target.num_layers} layers"
                 )
         model = cls(config, target)
-        state = load_file(str(weights_path))
         expected = model.trained_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

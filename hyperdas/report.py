@@ -71,8 +71,27 @@ def selection_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def render_report(metrics: dict, history: list[dict], run_config, heatmap_file: str | None) -> str:
-    """report.md: results beside floor and ceiling, selection statistics, training summary, heatmap, config."""
+def position_table(metrics: dict) -> str:
+    """Markdown: per mode, the moved mass split by base position class it lands on and source class it leaves."""
+    from hyperdas.selection_stats import POSITION_CLASSES
+
+    head = [f"base {c}" for c in POSITION_CLASSES] + [f"source {c}" for c in POSITION_CLASSES]
+    lines = ["| mode | " + " | ".join(head) + " |", "| --- | " + " | ".join(["---:"] * len(head)) + " |"]
+    for mode, summary in metrics.items():
+        if "selection" in summary:
+            m = summary["selection"]["overall"]
+            cells = [_pct(m[f"{side}_{c}"]) for side in ("base", "source") for c in POSITION_CLASSES]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_report(metrics: dict, history: list[dict], run_config, figures: dict[str, str] | None = None) -> str:
+    """report.md: results beside floor and ceiling, selection statistics, training summary, figures, config.
+
+    Args:
+        figures: "heatmap", "positions", "pca" -> file names of the figures written beside the report.
+    """
+    figures = figures or {}
     parts = ["# HyperDAS run report", "", "Held-out templates (test split), teacher-forced exact match of the "
              "first 3 label tokens. Overall = mean over attributes; disentangle = (cause + isolate) / 2.", ""]
     parts += [f"- **{name}**: {note}" for name, note in REFERENCE_NOTES.items() if name in metrics]
@@ -88,7 +107,14 @@ def render_report(metrics: dict, history: list[dict], run_config, heatmap_file: 
             "",
             selection_table(metrics),
             "",
+            "By position class (where the moved mass lands in the base, where it comes from in the source): before "
+            "the entity, the entity's other tokens, its last token, after it.",
+            "",
+            position_table(metrics),
+            "",
         ]
+        if "positions" in figures:
+            parts += [f"![positions]({figures['positions']})", ""]
     if history:
         first, last = history[0], history[-1]
         parts += [
@@ -99,6 +125,18 @@ def render_report(metrics: dict, history: list[dict], run_config, heatmap_file: 
             f"(cross-entropy {first['ce']:.3f} -> {last['ce']:.3f}). Per-step log: train_log.jsonl.",
             "",
         ]
+    if "pca" in figures:
+        parts += [
+            "## The subspaces chosen per example",
+            "",
+            "The first two principal components of the subspace module's per-example vectors (ReflectSelect: the "
+            "reflection v) over the test pairs, by attribute named in the instruction; the vectors are in "
+            "subspace_analysis.safetensors.",
+            "",
+            f"![pca]({figures['pca']})",
+            "",
+        ]
+    heatmap_file = figures.get("heatmap")
     if heatmap_file:
         parts += [
             "## Where the concept is taken from",
@@ -170,6 +208,59 @@ def comparison_table(runs: dict[str, dict]) -> str:
             row = [run, entry, *[cells(per[a]) if a in per else "" for a in attributes], cells(summary["overall"])]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def save_position_plot(metrics: dict, path: Path) -> None:
+    """Bars per mode: the share of moved mass by base and source position class (``position_table``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hyperdas.selection_stats import POSITION_CLASSES
+
+    modes = [m for m, summary in metrics.items() if "selection" in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    width = 0.8 / max(len(modes), 1)
+    for ax, side in zip(axes, ("base", "source"), strict=True):
+        for i, mode in enumerate(modes):
+            overall = metrics[mode]["selection"]["overall"]
+            values = [overall[f"{side}_{c}"] or 0.0 for c in POSITION_CLASSES]
+            ax.bar([x + i * width for x in range(len(POSITION_CLASSES))], values, width, label=mode)
+        ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(POSITION_CLASSES))], POSITION_CLASSES)
+        ax.set_title(f"{side} positions ({'where it lands' if side == 'base' else 'where it comes from'})")
+    axes[0].set_ylabel("share of moved mass")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_pca_plot(vectors, labels: list[dict], name: str, path: Path) -> None:
+    """The first two principal components of per-example vectors (n, dim), coloured by attribute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    x = vectors.double() - vectors.double().mean(dim=0)
+    _, s, v = torch.linalg.svd(x, full_matrices=False)
+    points = (x @ v[:2].T).numpy() if v.shape[0] >= 2 else torch.zeros(len(x), 2).numpy()
+    explained = (s[:2] ** 2 / (s**2).sum()).tolist() if len(s) >= 2 else [0.0, 0.0]
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    for attribute in sorted({r["attribute"] for r in labels}):
+        for kind, marker in (("causal", "o"), ("isolate", "x")):
+            rows = [i for i, r in enumerate(labels) if r["attribute"] == attribute and r["attribute_type"] == kind]
+            if rows:
+                ax.scatter(points[rows, 0], points[rows, 1], s=12, marker=marker, label=f"{attribute} ({kind})")
+    ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f}%)")
+    ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f}%)")
+    ax.set_title(f"{name} per test pair")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def save_selection_heatmaps(entries: list[dict], path: Path) -> None:

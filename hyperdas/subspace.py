@@ -66,11 +66,19 @@ class ReflectSelect(nn.Module):
         self.rotation = OrthonormalBasis(hidden_size, rank)
         self.reflector = SwiGLU(hidden_size, hidden_size, hidden_size)
 
+    def reflection(self, encoding: torch.Tensor) -> torch.Tensor:
+        """v (B, D): each example's unit reflection vector."""
+        u = at_least_fp32(self.reflector(encoding))
+        return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def describe(self, encoding: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What an analysis of the chosen subspaces reads per example: the reflection vector v (B, D)."""
+        return {"reflection": self.reflection(encoding)}
+
     def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         """encoding: (B, D); basis: R (D, r) from ``self.rotation()`` -> W: (B, D, r)."""
-        u = at_least_fp32(self.reflector(encoding))
         basis = at_least_fp32(basis)
-        v = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, D)
+        v = self.reflection(encoding)  # (B, D)
         vtr = v @ basis  # (B, r)
         w = basis[None] - 2.0 * v[:, :, None] * vtr[:, None, :]  # (B, D, r)
         return w.to(encoding.dtype)
@@ -93,10 +101,17 @@ class MaskSelect(nn.Module):
             raise ValueError(f"MaskSelect temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
+    def mask(self, encoding: torch.Tensor) -> torch.Tensor:
+        """m (B, r) in (0, 1): how much of each basis direction each example patches."""
+        return torch.sigmoid(at_least_fp32(self.mask_logits(encoding)) / self.temperature)
+
+    def describe(self, encoding: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What an analysis of the chosen subspaces reads per example: the mask m (B, r)."""
+        return {"mask": self.mask(encoding)}
+
     def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         """encoding: (B, D); basis: R (D, r) -> W: (B, D, r)."""
-        mask = torch.sigmoid(at_least_fp32(self.mask_logits(encoding)) / self.temperature)  # (B, r)
-        return (at_least_fp32(basis)[None] * mask.sqrt()[:, None, :]).to(encoding.dtype)
+        return (at_least_fp32(basis)[None] * self.mask(encoding).sqrt()[:, None, :]).to(encoding.dtype)
 
 
 class StaticDAS(nn.Module):
@@ -106,6 +121,9 @@ class StaticDAS(nn.Module):
         super().__init__()
         self.rotation = OrthonormalBasis(hidden_size, rank)
 
+    def describe(self, encoding: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}  # the same basis for every example: nothing per example to analyse
+
     def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         return basis.to(encoding.dtype)
 
@@ -114,6 +132,9 @@ class FullSubspace(nn.Module):
     """Patch the whole vector (W = I): returns None, which the interchange reads as h' = s̃."""
 
     rotation = None
+
+    def describe(self, encoding: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
 
     def forward(self, encoding: torch.Tensor, basis: None) -> None:
         return None

@@ -421,7 +421,15 @@ def load_target(
     arch = architecture_of(target_config(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(source)
     attention_kernel_for(torch.device("cpu"), dtype, attn_implementation)  # validates before the heavy load
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError, RuntimeError) as err:  # a damaged or missing weights file
+        cached = name_or_path == EMBEDDED_DEFAULT
+        advice = (f"delete {source} and it is converted again from the GGUF" if cached
+                  else "check the folder's weight files")
+        raise UnsupportedTargetError(
+            f"cannot load the weights of target {name_or_path!r} from {source}: {str(err).splitlines()[0]}; {advice}"
+        ) from err
     if device is not None:
         model.to(device)
     return FrozenTarget(model, tokenizer, name_or_path, arch, attention=attn_implementation)

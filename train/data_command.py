@@ -33,9 +33,8 @@ def _names(text: str) -> tuple[str, ...]:
 def main_job_request() -> DataRequest:
     """The data request of the main job's run config (the defaults of this command)."""
     from hyperdas.train.config import load_run_config
-    from hyperdas.train.data_source import data_request
 
-    return data_request(load_run_config())
+    return load_run_config().data_request()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperdas.cache import cache_root
-from hyperdas.data.build import DataRequest, build_dataset, dataset_folder
+from hyperdas.data.build import build_dataset, dataset_folder
 from hyperdas.data.collate import Collator
 from hyperdas.state_cache import StateCache, plan_storage, real_rows
 from hyperdas.targets import FrozenTarget
@@ -56,26 +56,9 @@ class RunData:
         return [row for pair in self.pair_rows(split, indices) for row in pair]
 
 
-def data_request(config: RunConfig) -> DataRequest:
-    """The data request a run config makes (its target, its seed)."""
-    data = config.data
-    return DataRequest(
-        domain=data.domain,
-        attributes=tuple(data.attributes),
-        isolate_attributes=tuple(data.isolate_attributes) if data.isolate_attributes else None,
-        target=config.model.target,
-        target_dtype=config.model.torch_dtype,
-        max_examples=data.max_examples,
-        test_share=data.test_share,
-        seed=config.seed,
-        sources=tuple(data.sources),
-        entities_per_template=data.entities_per_template,
-    ).validate()
-
-
 def load_run_data(config: RunConfig, target: FrozenTarget, setup) -> RunData:
     """Build (once per machine, cached) or load the run's data. ``setup``: rank, world_size, barrier()."""
-    request = data_request(config)
+    request = config.data_request()
     folder = dataset_folder(request)
     batch = config.data.filter_batch_size
     if setup.world_size == 1 or (folder / "dataset_dict.json").is_file():

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hyperdas.config import HyperDASConfig
-from hyperdas.model import WEIGHTS_FILE, HyperDAS, HyperDASOutput, LossWeights
+from hyperdas.model import WEIGHTS_FILE, BatchEvaluation, HyperDAS, HyperDASOutput, LossWeights
 from hyperdas.targets import FrozenTarget, load_target
 from hyperdas.train.config import RunConfig
 from hyperdas.train.engine import micro_batch_plan, to_device
@@ -401,7 +401,7 @@ class DeepSpeedEngine:
     ) -> HyperDASOutput:
         return self.engine(to_device(batch, self.device), mode=mode, loss_weights=loss_weights, states=states)
 
-    def evaluate_batch(self, batch: dict, modes: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    def evaluate_batch(self, batch: dict, modes: list[str]) -> BatchEvaluation:
         # no backward follows, so the module is called directly; ZeRO-3's hooks gather each submodule's weights
         return self.model.evaluate_batch(to_device(batch, self.device), modes)
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from hyperdas.model import HyperDAS, HyperDASOutput, LossWeights
+from hyperdas.model import BatchEvaluation, HyperDAS, HyperDASOutput, LossWeights
 from hyperdas.train.config import RunConfig
 
 ENGINE_STATE_FILE = "engine_state.pt"
@@ -35,7 +35,7 @@ class TrainingEngine(Protocol):
     ) -> HyperDASOutput:
         """Run the (possibly wrapped) model on one micro-batch (``states``: its cached target states, or None)."""
 
-    def evaluate_batch(self, batch: dict, modes: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    def evaluate_batch(self, batch: dict, modes: list[str]) -> BatchEvaluation:
         """``HyperDAS.evaluate_batch`` on one batch: every mode plus the floor and the ceiling, no gradients."""
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -120,7 +120,7 @@ class PlainEngine:
         with self._autocast():
             return self.model(to_device(batch, self.device), mode=mode, loss_weights=loss_weights, states=states)
 
-    def evaluate_batch(self, batch: dict, modes: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    def evaluate_batch(self, batch: dict, modes: list[str]) -> BatchEvaluation:
         with self._autocast():
             return self.model.evaluate_batch(to_device(batch, self.device), modes)
 

@@ -8,7 +8,9 @@ patches and runs layers k..end. Beside the modes every report carries, on the sa
   ceiling on cause at this layer that ignores isolation.
 
 Each mode's summary also says where its selection puts the mass it moves (``selection_stats``): the share
-landing on base entity tokens, the share taken from source entity tokens, and the moved mass itself.
+landing on base entity tokens, the share taken from source entity tokens, per position class, and the moved
+mass itself. The subspace module's per-example vectors (ReflectSelect's reflection v) are saved for analysis
+(subspace_analysis.safetensors, with a PCA plot by attribute).
 
 Each process evaluates a contiguous shard of the chosen test examples (padded to equal length, so every process
 runs the same number of forwards, which a ZeRO-3-partitioned target needs); records are gathered by index.
@@ -27,21 +29,39 @@ from tqdm.auto import tqdm
 
 from hyperdas.metrics import label_exact_match, records_from_batch, summarize
 from hyperdas.model import CEILING, FLOOR
-from hyperdas.report import render_report, save_selection_heatmaps
+from hyperdas.report import render_report, save_pca_plot, save_position_plot, save_selection_heatmaps
 from hyperdas.selection_stats import selection_stats, summarize_selection
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 HEATMAP_FILE = "selection_heatmap.png"
+POSITIONS_FILE = "selection_positions.png"
+ANALYSIS_FILE = "subspace_analysis.safetensors"
+PCA_FILE = "subspace_pca.png"
 REFERENCES = (FLOOR, CEILING)
 
 
 @dataclass
+class Analysis:
+    """The subspace module's per-example vectors over the test pairs evaluated (rank 0's shard), for analysis.
+
+    Attributes:
+        vectors: name -> (n, dim), e.g. ReflectSelect's "reflection" v (n, D), MaskSelect's "mask" (n, r).
+        labels: per row: index (into the test split), attribute and attribute_type.
+    """
+
+    vectors: dict[str, torch.Tensor]
+    labels: list[dict]
+
+
+@dataclass
 class Evaluation:
-    """metrics: {floor, ceiling, mode...: summarize(...)}; heatmaps: soft selections of a few test pairs."""
+    """metrics: {floor, ceiling, mode...: summarize(...)}; heatmaps: soft selections of a few test pairs;
+    analysis: the subspace vectors (None for a module without per-example vectors)."""
 
     metrics: dict
     heatmaps: list[dict] = field(default_factory=list)
+    analysis: Analysis | None = None
 
 
 def spread_indices(rows, limit: int | None, seed: int = 0) -> list[int]:
@@ -116,25 +136,33 @@ def evaluate(
     records: dict[str, list[dict]] = {name: [] for name in names}
     stats: dict[str, list[dict]] = {mode: [] for mode in modes}
     heatmaps: dict[int, dict] = {}
+    vectors: dict[str, list[torch.Tensor]] = {}
+    labels: list[dict] = []
+    described: set[int] = set()
     try:
         for start in tqdm(range(0, len(mine), batch_size), desc="eval", disable=rank != 0, leave=False):
             indices = mine[start : start + batch_size]
             batch = data.collate(data.test, indices)
-            outputs = engine.evaluate_batch(batch, modes)
-            labels = batch["label_ids"]
+            out = engine.evaluate_batch(batch, modes)
             for name in names:
-                logits, selection = outputs[name]
-                correct = label_exact_match(logits.float(), labels.to(logits.device)).cpu()
+                logits, selection = out.logits[name], out.selections[name]
+                correct = label_exact_match(logits.float(), batch["label_ids"].to(logits.device)).cpu()
                 for index, record in zip(indices, records_from_batch(batch, correct), strict=True):
                     records[name].append(record | {"index": index})
                 if name in stats:
                     rows = selection_stats(selection.float().cpu(), batch)
                     stats[name].extend(r | {"index": i} for i, r in zip(indices, rows, strict=True))
             if rank == 0:
-                soft = outputs["soft"][1] if "soft" in outputs else None
+                soft = out.selections.get("soft")
                 for b, index in enumerate(indices):
                     if soft is not None and index in pictured and index not in heatmaps:
                         heatmaps[index] = _heatmap_entry(batch, soft, b, data.collator.tokenizer)
+                fresh = [b for b, index in enumerate(indices) if index not in described]
+                described.update(indices)
+                for key, value in out.analysis.items():
+                    vectors.setdefault(key, []).append(value.float().cpu()[fresh])
+                labels += [{"index": indices[b], "attribute": batch["attribute"][b],
+                            "attribute_type": batch["attribute_type"][b]} for b in fresh]
     finally:
         model.train(was_training)
     metrics = {}
@@ -142,7 +170,8 @@ def evaluate(
         metrics[name] = summarize(_gather(records[name]))
         if name in stats:
             metrics[name]["selection"] = summarize_selection(_gather(stats[name]))
-    return Evaluation(metrics, [heatmaps[i] for i in chosen[:heatmap_examples] if i in heatmaps])
+    analysis = Analysis({k: torch.cat(v) for k, v in vectors.items()}, labels) if vectors else None
+    return Evaluation(metrics, [heatmaps[i] for i in chosen[:heatmap_examples] if i in heatmaps], analysis)
 
 
 def _heatmap_entry(batch: dict, selection: torch.Tensor, b: int, tokenizer) -> dict:
@@ -163,12 +192,25 @@ def _heatmap_entry(batch: dict, selection: torch.Tensor, b: int, tokenizer) -> d
 
 
 def write_evaluation(result: Evaluation, out_dir: Path, history: list[dict], run_config) -> None:
-    """metrics.json, report.md and the selection heatmap PNG (saved before anything is printed)."""
+    """metrics.json, report.md, the selection heatmap and position plots, and the subspace analysis (saved before
+    anything is printed)."""
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2) + "\n")
+    figures = {}
     if result.heatmaps:
         save_selection_heatmaps(result.heatmaps, out_dir / HEATMAP_FILE)
-    (out_dir / REPORT_FILE).write_text(
-        render_report(result.metrics, history, run_config, HEATMAP_FILE if result.heatmaps else None)
-    )
+        figures["heatmap"] = HEATMAP_FILE
+    if any("selection" in summary for summary in result.metrics.values()):
+        save_position_plot(result.metrics, out_dir / POSITIONS_FILE)
+        figures["positions"] = POSITIONS_FILE
+    if result.analysis is not None:
+        tensors = {k: v.contiguous() for k, v in result.analysis.vectors.items()}
+        tensors["index"] = torch.tensor([r["index"] for r in result.analysis.labels])
+        save_file(tensors, str(out_dir / ANALYSIS_FILE), metadata={"labels": json.dumps(result.analysis.labels)})
+        name, vectors = next(iter(result.analysis.vectors.items()))
+        save_pca_plot(vectors, result.analysis.labels, name, out_dir / PCA_FILE)
+        figures["pca"] = PCA_FILE
+    (out_dir / REPORT_FILE).write_text(render_report(result.metrics, history, run_config, figures))

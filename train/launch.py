@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from hyperdas.train.config import load_run_config
     from hyperdas.train.deepspeed_engine import DeepSpeedSetup, leave_distributed
-    from hyperdas.train.trainer import Trainer, deepspeed_json_of
+    from hyperdas.train.trainer import Trainer
 
     config = load_run_config(args.config, args.overrides)
-    ds_path = args.deepspeed or deepspeed_json_of(config)
+    ds_path = args.deepspeed or config.deepspeed
     if ds_path is None:
         raise ValueError(
             "no DeepSpeed config: pass --deepspeed (train/configs/zero3.json, zero3_offload.json, zero2.json or "

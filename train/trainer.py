@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -23,14 +24,13 @@ from tqdm.auto import tqdm
 
 from hyperdas.model import LossWeights, load_configured_target
 from hyperdas.targets import target_config
-from hyperdas.train.config import RunConfig, load_run_config, save_run_config
+from hyperdas.train.config import RUN_CONFIG_FILE, RunConfig, load_run_config, save_run_config
 from hyperdas.train.data_source import RunData, cache_train_states, load_run_data
 from hyperdas.train.engine import PlainEngine, TrainingEngine, micro_batch_plan
 from hyperdas.train.evaluate import evaluate, write_evaluation
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-RUN_CONFIG_FILE = "run_config.yaml"
 TRAIN_LOG = "train_log.jsonl"
 FINAL_MODEL = "model"
 
@@ -147,14 +147,15 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, setup: EngineSetup | None = None):
-        if config.resume:
-            config = _resumed_config(config)
+        if config.resume and Path(config.out_dir).resolve() != Path(config.resume).resolve():
+            config = load_run_config(None, [f"resume={config.resume}"])  # a RunConfig made in Python
         config.validate()
         self.config = config
         self.setup = setup or PlainSetup()
         micro_batch_plan(config.global_batch_size, self.setup.world_size, config.micro_batch_size)
         getattr(self.setup, "check", check_against_target)(config)
         self.out_dir = Path(config.out_dir)
+        check_out_dir(self.out_dir, bool(config.resume), config.overwrite, remove=self.setup.is_main)
         self.engine: TrainingEngine | None = None
         self.data: RunData | None = None
         self.state = TrainState()
@@ -179,10 +180,22 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_run_config(cfg, self.out_dir / RUN_CONFIG_FILE)
         self.setup.barrier()
-        latest = self.latest_checkpoint()
-        if cfg.resume and latest is not None:
-            client = self.engine.load(latest)
-            self.state = TrainState(**client)
+        if cfg.resume:
+            self.state = TrainState(**self._restore())
+
+    def _restore(self) -> dict:
+        """Load the newest checkpoint that loads, newest first (a damaged one is reported and skipped)."""
+        candidates = self.checkpoints()
+        if not candidates:
+            raise FileNotFoundError(f"cannot resume {self.out_dir}: it holds no checkpoint under {CHECKPOINTS}/")
+        for folder in candidates:
+            try:
+                return self.engine.load(folder)
+            except (OSError, RuntimeError, EOFError, KeyError, ValueError) as err:
+                if self.setup.is_main:
+                    print(f"hyperdas train: checkpoint {folder} cannot be loaded ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'truncated'}); trying the one before")
+        raise ValueError(f"cannot resume {self.out_dir}: none of its checkpoints {[c.name for c in candidates]} loads")
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global batches of ``epoch`` (``step_batches``; grouped by length unless the config says not)."""
@@ -297,12 +310,18 @@ class Trainer:
         return (total / self.setup.world_size).tolist()
 
     # --- checkpoints ---------------------------------------------------------------------------------
-    def latest_checkpoint(self) -> Path | None:
-        pointer = self.out_dir / CHECKPOINTS / LATEST
-        if not pointer.is_file():
-            return None
-        folder = self.out_dir / CHECKPOINTS / pointer.read_text().strip()
-        return folder if folder.is_dir() else None
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint folders, the one ``latest`` names first, then the others newest first."""
+        root = self.out_dir / CHECKPOINTS
+        found = sorted((p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".partial"), reverse=True)
+        pointer = root / LATEST
+        named = root / pointer.read_text().strip() if pointer.is_file() else None
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+        elif named is not None and self.setup.is_main:
+            print(f"hyperdas train: {pointer} names {named.name}, which is missing; using the newest checkpoint found")
+        return found
 
     def save_checkpoint(self) -> Path:
         """Write step_NNNNNN atomically (a .partial folder renamed once complete), keep the last two."""
@@ -322,9 +341,13 @@ class Trainer:
             with open(self.out_dir / TRAIN_LOG, "w") as log:
                 for record in self.state.history:
                     log.write(json.dumps(record) + "\n")
-            older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".partial")
-            for stale in older[:-2]:
-                shutil.rmtree(stale, ignore_errors=True)
+            # keep this one and the one before it; later steps (a timeline resumed from an earlier checkpoint)
+            # and older ones go
+            steps = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".partial")
+            previous = [p for p in steps if p.name < name][-1:]
+            for stale in steps:
+                if stale != final and stale not in previous:
+                    shutil.rmtree(stale, ignore_errors=True)
         self.setup.barrier()
         return final
 
@@ -350,23 +373,29 @@ class Trainer:
         return result.metrics
 
 
-def deepspeed_json_of(config: RunConfig) -> str | None:
-    """The DeepSpeed JSON a run uses: its own, or (resuming) the one the resumed run was started with."""
-    if config.deepspeed or not config.resume:
-        return config.deepspeed
-    return _resumed_config(config).deepspeed
+#: what an earlier run leaves in its out_dir (``overwrite=true`` removes these and nothing else)
+RUN_OUTPUTS = (CHECKPOINTS, FINAL_MODEL, TRAIN_LOG, RUN_CONFIG_FILE, "metrics.json", "report.md",
+               "selection_heatmap.png", "eval")
 
 
-def _resumed_config(config: RunConfig) -> RunConfig:
-    """The config a run folder was started with; `resume=DIR` continues it (same data, same order)."""
-    folder = Path(config.resume)
-    saved = folder / RUN_CONFIG_FILE
-    if not saved.is_file():
-        raise FileNotFoundError(f"cannot resume: {saved} not found ({folder} is not a hyperdas run folder)")
-    resumed = load_run_config(saved)
-    resumed.resume = str(folder)
-    resumed.out_dir = str(folder)
-    return resumed
+def check_out_dir(out_dir: Path, resuming: bool, overwrite: bool, remove: bool = True) -> None:
+    """Refuse an out_dir that is a file, is not writable, or holds another run (unless resuming or overwriting);
+    with ``overwrite`` (and ``remove``: the main process) the earlier run's outputs are removed."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file; give a folder")
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ValueError(f"out_dir {out_dir} cannot be written ({probe} is not writable)")
+    used = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if used and not resuming:
+        if not overwrite:
+            raise ValueError(f"out_dir {out_dir} holds an earlier run ({', '.join(used)}): continue it with "
+                             f"resume={out_dir}, replace it with overwrite=true, or choose another out_dir")
+        for name in used if remove else ():
+            target = out_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
 class _InterruptFlag:

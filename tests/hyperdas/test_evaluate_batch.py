@@ -53,8 +53,8 @@ def _hf_label_logits(model: HyperDAS, batch: dict, patch=None) -> torch.Tensor:
 def test_floor_is_the_unpatched_target(model):
     batch = make_batch(VOCAB, batch=4, tb=11, ts=8, te=5, seed=2)
     out = model.evaluate_batch(batch, ["soft"])
-    torch.testing.assert_close(out[FLOOR][0], _hf_label_logits(model, batch), rtol=1e-9, atol=1e-10)
-    assert out[FLOOR][1] is None
+    torch.testing.assert_close(out.logits[FLOOR], _hf_label_logits(model, batch), rtol=1e-9, atol=1e-10)
+    assert out.selections[FLOOR] is None
 
 
 def test_ceiling_patches_the_whole_last_entity_vector(model):
@@ -72,16 +72,25 @@ def test_ceiling_patches_the_whole_last_entity_vector(model):
         return hidden
 
     out = model.evaluate_batch(batch, ["soft"])
-    torch.testing.assert_close(out[CEILING][0], _hf_label_logits(model, batch, write_source), rtol=1e-9, atol=1e-10)
-    assert not torch.allclose(out[CEILING][0], out[FLOOR][0])
+    torch.testing.assert_close(out.logits[CEILING], _hf_label_logits(model, batch, write_source), rtol=1e-9,
+                               atol=1e-10)
+    assert not torch.allclose(out.logits[CEILING], out.logits[FLOOR])
 
 
 def test_every_mode_equals_the_training_forward(model):
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5, seed=4)
     out = model.evaluate_batch(batch, list(SELECTION_MODES))
-    assert set(out) == {FLOOR, CEILING, *SELECTION_MODES}
+    assert set(out.logits) == set(out.selections) == {FLOOR, CEILING, *SELECTION_MODES}
     for mode in SELECTION_MODES:
         with torch.no_grad():
             forward = model(batch, mode=mode)
-        torch.testing.assert_close(out[mode][0], forward.logits, rtol=1e-12, atol=1e-12, msg=mode)
-        torch.testing.assert_close(out[mode][1], forward.selection, rtol=0, atol=0, msg=mode)
+        torch.testing.assert_close(out.logits[mode], forward.logits, rtol=1e-12, atol=1e-12, msg=mode)
+        torch.testing.assert_close(out.selections[mode], forward.selection, rtol=0, atol=0, msg=mode)
+    v = out.analysis["reflection"]  # ReflectSelect: W = (I - 2vvᵀ)R, so v must reproduce the basis
+    with torch.no_grad():
+        encoded = model.encode(batch)
+        rotation = model.subspace.rotation()
+    eye = torch.eye(v.shape[1], dtype=v.dtype)
+    expected = (eye - 2 * v[:, :, None] * v[:, None, :]) @ rotation
+    torch.testing.assert_close(encoded.basis, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(v.norm(dim=1), torch.ones(v.shape[0], dtype=v.dtype))

@@ -167,3 +167,34 @@ def test_the_papers_names_work(target64):
     assert not torch.equal(copied.to(torch.float64), target64.layers[0].mlp.up_proj.weight)  # fresh, not copied
     out = interpreter.double()(make_batch(VOCAB))
     assert torch.isfinite(out.loss)
+
+
+def test_the_editor_ablations_read_what_they_say(target64):
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
+    states = target64.hidden_states(batch["base_input_ids"], batch["base_attention_mask"]), target64.hidden_states(
+        batch["source_input_ids"], batch["source_attention_mask"])
+    g = torch.Generator().manual_seed(3)
+    # the editor L2-normalises its keys, so scaling would not change what it reads: add noise instead
+    shifted_base = (states[0] + 0.1 * torch.randn(states[0].shape, generator=g, dtype=torch.float64), states[1])
+    shifted_source = (states[0], states[1] + 0.1 * torch.randn(states[1].shape, generator=g, dtype=torch.float64))
+
+    def encoding(model, pair):
+        with torch.no_grad():
+            return model.encode(batch, pair).encoding
+
+    full = _model(target64)
+    reads_source = _model(target64, editor_reads="source")
+    reads_base = _model(target64, editor_reads="base")
+    symmetric = _model(target64, editor_symmetric=True)
+    assert reads_source.editor.layers[0].base_attn is None and reads_base.editor.layers[0].source_attn is None
+    assert torch.equal(encoding(reads_source, states), encoding(reads_source, shifted_base))  # never sees the base
+    assert torch.equal(encoding(reads_base, states), encoding(reads_base, shifted_source))
+    for model in (full, symmetric):
+        assert not torch.allclose(encoding(model, states), encoding(model, shifted_base))
+        assert not torch.allclose(encoding(model, states), encoding(model, shifted_source))
+    count = sum(p.numel() for _, p in full.trainable_named_parameters())
+    one_block = sum(p.numel() for p in full.editor.layers[0].base_attn.parameters()) + sum(
+        p.numel() for p in full.editor.layers[0].base_norm.parameters())
+    assert sum(p.numel() for _, p in symmetric.trainable_named_parameters()) == count - 2 * one_block
+    with pytest.raises(ValueError, match="editor_symmetric reads both runs"):
+        HyperDASConfig(editor_reads="source", editor_symmetric=True).validate()

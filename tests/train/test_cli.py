@@ -15,14 +15,24 @@ from hyperdas.train.cli import main
     [
         (["train", "model.intervention_layer=30"], "intervention_layer 30 is out of range for a 30-layer target"),
         (["train", "model.das_dimension=600"], "das_dimension 600 exceeds the target's hidden size 576"),
-        (["train", "model.subspace_module=Boundless"], "unknown subspace_module 'Boundless'"),
-        (["train", "eval_modes=[soft,argmax]"], "unknown eval mode(s) ['argmax']"),
+        (["train", "model.subspace_module=Boundless"], "Invalid value 'Boundless', expected one of"),
+        (["train", "eval_modes=[soft,argmax]"], "Invalid value 'argmax'"),
         (["train", "model.target=gpt2-like-folder-that-does-not-exist"], "cannot load target"),
-        (["train", "optim.editor_lr=fast"], "config key optim.editor_lr must be a number, got 'fast'"),
+        (["train", "optim.editor_lr=fast"], "config key optim.editor_lr: Value 'fast'"),
         (["train", "no_such_key=1"], "unknown config key(s) ['no_such_key']"),
         (["train", "global_batch_size=7", "micro_batch_size=2"], "micro_batch_size 2 does not divide"),
+        (["train", "data.attributes=[]"], "attributes is empty"),
+        (["train", "out_dir=/proc/version"], "out_dir /proc/version is a file"),
         (["eval", "--checkpoint", "/nonexistent/run"], "is not a HyperDAS checkpoint folder"),
         (["eval", "--checkpoint", "/nonexistent/run", "--modes", "soft,best"], "unknown mode(s) ['best']"),
+        (["eval", "--checkpoint", "/nonexistent/run", "--modes", ""], "--modes '' names no mode"),
+        (["eval", "--checkpoint", "/nonexistent/run", "--max-examples", "-5"], "--max-examples must be at least 1"),
+        (["eval", "--checkpoint", "/nonexistent/run", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["eval", "--checkpoint", "/r/checkpoints/step_000050"], "is a training checkpoint of the run /r"),
+        (["baseline", "--method", "pca"], "baseline method 'pca'; allowed"),
+        (["baseline", "--layers", "4,x"], "--layers '4,x': give layer numbers"),
+        (["baseline", "--layers", "31"], "layer 31 out of range for a 30-layer target"),
+        (["compare", "/nonexistent/run"], "is not a hyperdas run or baseline folder"),
     ],
 )
 def test_bad_input_is_refused_quickly_with_a_clear_message(argv, message, capsys, smollm2, tmp_path, monkeypatch):
@@ -61,3 +71,32 @@ def test_eval_reads_a_saved_checkpoint_and_writes_results(smollm2, tmp_path, mon
     assert set(metrics) == {"floor", "ceiling", "soft", "groundtruth"}
     assert metrics["soft"]["overall"]["n_causal"] + metrics["soft"]["overall"]["n_isolate"] == len(rows)
     assert "| groundtruth | **overall** |" in capsys.readouterr().out
+
+
+def test_eval_of_a_runs_model_folder_uses_the_runs_data(smollm2, tmp_path, monkeypatch, capsys):
+    from datasets import Dataset
+
+    from hyperdas.config import HyperDASConfig
+    from hyperdas.data.collate import Collator
+    from hyperdas.data.examples import make_examples
+    from hyperdas.model import HyperDAS
+    from hyperdas.train import data_source
+    from hyperdas.train.config import load_run_config, save_run_config
+    from hyperdas.train.data_source import RunData
+
+    run = tmp_path / "run"
+    model = HyperDAS(HyperDASConfig(intervention_layer=5, chop_editor_at_layer=1, das_dimension=8), smollm2)
+    model.save_pretrained(run / "model")
+    save_run_config(load_run_config(None, ["seed=7", "data.attributes=[Continent]", f"out_dir={run}"]),
+                    run / "run_config.yaml")
+    rows = [r for r in make_examples("city", ["Continent"], n_per_kind=2, seed=1) if r["split"] == "test"]
+    seen = []
+
+    def fake_data(config, target, setup):
+        seen.append((config.seed, config.data.attributes))
+        return RunData(Dataset.from_list(rows), Dataset.from_list(rows), Collator(target.tokenizer), tmp_path)
+
+    monkeypatch.setattr(data_source, "load_run_data", fake_data)
+    assert main(["eval", "--checkpoint", str(run / "model"), "--modes", "soft"]) == 0
+    assert seen == [(7, ["Continent"])]  # the run's own data, not the main job's
+    assert (run / "model" / "eval" / "metrics.json").is_file()

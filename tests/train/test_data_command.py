@@ -14,7 +14,6 @@ from hyperdas.data.build import DataRequest
 from hyperdas.testing import PlantedTarget
 from hyperdas.train import cli, data_command
 from hyperdas.train.config import load_run_config
-from hyperdas.train.data_source import data_request
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def _parse(argv):
 
 
 def test_no_arguments_means_the_main_jobs_data():
-    main_job = data_request(load_run_config())
+    main_job = load_run_config().data_request()
     assert data_command.request_from_args(_parse([])) == main_job
     assert main_job.key() == DataRequest(attributes=("Country", "Continent", "Language")).key()  # README's example
     args = _parse(["--attributes", "Country, Language", "--isolate-attributes", "Timezone", "--sources", "wikipedia"])

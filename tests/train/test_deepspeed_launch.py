@@ -41,7 +41,6 @@ def setup(tmp_path_factory, tiny_target) -> dict:
     from hyperdas.data.build import dataset_folder
     from hyperdas.data.examples import FIELDS, pair_samplers
     from hyperdas.train.config import load_run_config
-    from hyperdas.train.data_source import data_request
 
     root = tmp_path_factory.mktemp("launch")
     tiny_target.model.save_pretrained(root / "target")
@@ -60,7 +59,7 @@ def setup(tmp_path_factory, tiny_target) -> dict:
     config_path.write_text(yaml.safe_dump(run))
     cache = root / "cache"
     env = dict(os.environ, HYPERDAS_CACHE=str(cache), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    request = data_request(load_run_config(config_path))
+    request = load_run_config(config_path).data_request()
     features = Features({name: Value("string") for name in FIELDS})
     splits = {}
     for split, size in (("train", 32), ("test", 8)):

@@ -115,8 +115,15 @@ def test_run_writes_the_run_folder(tiny_run):
     trainer = Trainer(config, setup)
     metrics = trainer.run()
     out = trainer.out_dir
-    for name in ("metrics.json", "report.md", "selection_heatmap.png", "run_config.yaml", "train_log.jsonl"):
+    for name in ("metrics.json", "report.md", "selection_heatmap.png", "run_config.yaml", "train_log.jsonl",
+                 "selection_positions.png", "subspace_pca.png", "subspace_analysis.safetensors"):
         assert (out / name).is_file(), name
+    from safetensors import safe_open
+
+    with safe_open(str(out / "subspace_analysis.safetensors"), "pt") as handle:
+        reflections, labels = handle.get_tensor("reflection"), json.loads(handle.metadata()["labels"])
+    assert reflections.shape == (len(labels), 40) and len(labels) == len(set(r["index"] for r in labels)) > 0
+    torch.testing.assert_close(reflections.norm(dim=1), torch.ones(len(labels)))
     assert (out / "model" / "hyperdas.safetensors").is_file()
     assert set(metrics) == {"floor", "ceiling", "soft", "column_argmax", "groundtruth"}
     assert set(metrics["soft"]["selection"]["overall"]) >= {"moved", "base_entity_share", "source_entity_share"}
@@ -125,6 +132,7 @@ def test_run_writes_the_run_folder(tiny_run):
     report = (out / "report.md").read_text()
     assert "| soft | **overall** |" in report and "| floor | **overall** |" in report
     assert "- soft: disentangle" in report and "points over the floor" in report
+    assert "| soft |" in report.split("By position class")[1] and "![pca](subspace_pca.png)" in report
     assert len(_losses(out)) == 5
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_000004", "step_000005"]  # the last two are kept
@@ -197,3 +205,80 @@ def test_too_few_examples_for_one_batch_is_a_clear_error(tiny_run):
 def test_resume_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a hyperdas run folder"):
         Trainer(RunConfig(resume=str(tmp_path)))
+
+
+def test_a_used_out_dir_is_refused_unless_resumed_or_overwritten(tiny_run):
+    config, setup = tiny_run
+    _train_only(config, setup)
+    with pytest.raises(ValueError, match="holds an earlier run.*resume=.*overwrite=true"):
+        Trainer(config, setup)
+    config.overwrite = True
+    trainer = _train_only(config, setup)
+    checkpoints = sorted(p.name for p in (trainer.out_dir / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_000004", "step_000005"] and len(_losses(trainer.out_dir)) == 5
+
+
+def _resumed(folder, setup) -> Trainer:
+    trainer = Trainer(load_run_config(None, [f"resume={folder}"]), setup)
+    trainer.prepare()
+    return trainer
+
+
+def test_a_missing_or_damaged_latest_checkpoint_resumes_from_the_one_before(tiny_run, tmp_path, capsys):
+    config, setup = tiny_run
+    reference = _losses(_train_only(config, setup).out_dir)
+    config.out_dir = str(tmp_path / "damaged")
+    config.max_steps = 4
+    _train_only(config, setup)  # checkpoints at steps 2 and 4; latest = step_000004
+    folder = tmp_path / "damaged" / "checkpoints"
+    state = folder / "step_000004" / "engine_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    resumed = _resumed(tmp_path / "damaged", setup)
+    assert resumed.state.step == 2
+    assert "step_000004 cannot be loaded" in capsys.readouterr().out
+    resumed.config.max_steps = 5
+    resumed.train()
+    torch.testing.assert_close(_losses(tmp_path / "damaged"), reference, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in folder.glob("step_*")) == ["step_000004", "step_000005"]
+
+    import shutil
+
+    shutil.rmtree(folder / "step_000005")  # latest now names a missing folder
+    resumed = _resumed(tmp_path / "damaged", setup)
+    assert resumed.state.step == 4
+    assert "names step_000005, which is missing" in capsys.readouterr().out
+
+
+def test_resume_without_any_checkpoint_is_a_clear_error(tiny_run, setup_free_run_folder):
+    _, setup = tiny_run
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        _resumed(setup_free_run_folder, setup)
+
+
+@pytest.fixture
+def setup_free_run_folder(tmp_path, tiny_run):
+    config, _ = tiny_run
+    folder = tmp_path / "empty_run"
+    folder.mkdir()
+    from hyperdas.train.config import save_run_config
+
+    config.out_dir = str(folder)
+    save_run_config(config, folder / "run_config.yaml")
+    return folder
+
+
+def test_ctrl_c_during_evaluation_says_where_the_model_is(tiny_run, monkeypatch, capsys):
+    from hyperdas.train import train_command
+
+    config, setup = tiny_run
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "evaluate", interrupt)
+    monkeypatch.setattr(trainer_module, "PlainSetup", lambda: setup)
+    monkeypatch.setattr(train_command, "load_run_config", lambda path, overrides: config)
+    args = train_command.argparse.Namespace(config=None, overrides=[])
+    assert train_command.run(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after training, during evaluation" in err and "hyperdas eval --checkpoint" in err
