@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hyperdas.compat import LlamaInterpreter, LlamaInterpreterConfig
-from hyperdas.config import HyperDASConfig
+from hyperdas.config import SELECTION_MODES, HyperDASConfig
 from hyperdas.kernels.interchange import interchange
 from hyperdas.literal import literal_four_pass_forward
 from hyperdas.model import HyperDAS, LossWeights
@@ -32,22 +32,33 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.trainable_named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("mode", SELECTION_MODES)
 @pytest.mark.parametrize("subspace", ["ReflectSelect", "MaskSelect", "DAS", "full"])
 @pytest.mark.parametrize("layer", [0, 2])
-def test_two_pass_step_equals_literal_four_pass(target64, subspace, layer):
+def test_two_pass_step_equals_literal_four_pass(target64, subspace, layer, mode, llama_in_float64):
+    """Float64 end to end (llama_in_float64 lifts Hugging Face's two float32 shortcuts), so both paths are exact
+    up to float64 rounding: ~1e-16 per operation over a few hundred operations, conditioned by a random tiny
+    net, stays below 1e-12 relative; the bounds below leave 100x margin and sit 1e6 below any one-line bug."""
     model = _model(target64, subspace_module=subspace, intervention_layer=layer)
+    if subspace == "MaskSelect":
+        model.set_progress(0.9)  # a temperature of ~5, where the mask is far from σ(0) = 1/2 everywhere
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
     weights = LossWeights(causal=3.5, isolate=0.5, sparsity=0.7)
-    out = model(batch, loss_weights=weights)
+    out = model(batch, mode=mode, loss_weights=weights)
+    loss, logits = literal_four_pass_forward(model, batch, mode=mode, loss_weights=weights)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
+    if not loss.requires_grad:  # "full" with a hard selection: nothing trained is on the path
+        assert subspace == "full" and mode != "soft"
+        return
     out.loss.backward()
     fast = _grads(model)
     model.zero_grad(set_to_none=True)
-    loss, logits = literal_four_pass_forward(model, batch, loss_weights=weights)
     loss.backward()
     slow = _grads(model)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
-    assert fast.keys() == slow.keys() == {n for n, _ in model.trainable_named_parameters()}
+    assert fast.keys() == slow.keys()
+    if mode == "soft":
+        assert fast.keys() == {n for n, _ in model.trainable_named_parameters()}
     for name in fast:
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-11, msg=name)
 
