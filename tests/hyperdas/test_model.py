@@ -74,6 +74,28 @@ def test_gradients_reach_every_trained_part(target64):
     assert all(p.grad is None for p in model.target.parameters())
 
 
+@pytest.mark.parametrize("subspace", ["ReflectSelect", "MaskSelect"])
+def test_param_groups_give_r_and_the_mask_their_own_rates(target64, subspace):
+    """METHOD.md: editor lr with decay for the editor and selection head, R at rotation_lr without decay,
+    MaskSelect's mask projection at mask_lr with decay; every trained parameter in exactly one group."""
+    model = _model(target64, subspace_module=subspace)
+    groups = {g["name"]: g for g in model.param_groups(4e-5, 1e-3, 1e-2, 0.01)}
+    names = {id(p): n for n, p in model.trainable_named_parameters()}
+    members = {name: sorted(names[id(p)] for p in g["params"]) for name, g in groups.items()}
+    everything = sorted(n for n, _ in model.trainable_named_parameters())
+    assert sorted(n for group in members.values() for n in group) == everything
+    assert members["rotation"] == ["subspace.rotation.weight"]
+    assert (groups["rotation"]["lr"], groups["rotation"]["weight_decay"]) == (1e-3, 0.0)
+    assert (groups["editor"]["lr"], groups["editor"]["weight_decay"]) == (4e-5, 0.01)
+    assert any(n.startswith("selection_head.") for n in members["editor"])
+    if subspace == "MaskSelect":
+        assert members["mask"] and all(n.startswith("subspace.mask_logits.") for n in members["mask"])
+        assert (groups["mask"]["lr"], groups["mask"]["weight_decay"]) == (1e-2, 0.01)
+    else:
+        assert "mask" not in groups
+        assert any(n.startswith("subspace.reflector.") for n in members["editor"])
+
+
 def test_editor_blocks_own_their_weights(target64):
     model = _model(target64)
     storages = {}
@@ -128,6 +150,28 @@ def test_save_and_load_round_trip(target64, tmp_path):
     batch = make_batch(VOCAB)
     torch.testing.assert_close(model(batch).logits, loaded(batch).logits, rtol=0, atol=0)
     assert not list(tmp_path.glob("*target*"))
+
+
+def test_a_loaded_mask_select_runs_at_its_saved_temperature(target64, tmp_path):
+    """hyperdas eval and the DeepSpeed export load through from_pretrained: at the annealed τ, not at 50."""
+    model = _model(target64, subspace_module="MaskSelect")
+    model.set_progress(1.0)  # the end of training
+    model.save_pretrained(tmp_path)
+    loaded = HyperDAS.from_pretrained(tmp_path, target=target64).double()
+    assert loaded.subspace.temperature == model.subspace.temperature == pytest.approx(0.1, rel=1e-12)
+    batch = make_batch(VOCAB)
+    torch.testing.assert_close(loaded(batch).logits, model(batch).logits, rtol=0, atol=0)
+    model.set_progress(0.0)
+    assert (model(batch).logits - loaded(batch).logits).abs().max() > 1e-6  # τ changes what this model does
+
+
+def test_mask_select_temperature_anneals_linearly_from_50_to_0_1(target64):
+    config = HyperDASConfig()
+    assert (config.mask_temperature_start, config.mask_temperature_end) == (50.0, 0.1)  # METHOD.md
+    model = _model(target64, subspace_module="MaskSelect")
+    for fraction, tau in [(0.0, 50.0), (0.25, 37.525), (0.5, 25.05), (1.0, 0.1), (1.5, 0.1), (-1.0, 50.0)]:
+        model.set_progress(fraction)
+        assert model.subspace.temperature == pytest.approx(tau, rel=1e-12), fraction
 
 
 def test_loading_into_another_target_is_a_clear_error(target64, tmp_path):
