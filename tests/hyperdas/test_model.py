@@ -10,7 +10,7 @@ from hyperdas.config import SELECTION_MODES, HyperDASConfig
 from hyperdas.kernels.interchange import interchange
 from hyperdas.literal import literal_four_pass_forward
 from hyperdas.model import HyperDAS, LossWeights
-from hyperdas.targets import build_random_target
+from hyperdas.targets import EMBEDDED_DEFAULT, build_random_target, load_target
 from hyperdas.testing import make_batch, tiny_llama_config
 
 VOCAB = 101
@@ -116,26 +116,42 @@ def test_reflect_select_basis_is_orthonormal(target64):
     assert model.subspace.rotation().abs().sum() > 0  # never the all-zero basis of torch.empty
 
 
-def test_full_patch_at_every_position_reproduces_the_source_run(smollm2):
-    """Causal oracle: base and source share a template, entities differ; A maps base j to source j."""
-    tok = smollm2.tokenizer
+@pytest.fixture(scope="module")
+def smollm2_f64():
+    """The embedded default in float64 (about 1 GB)."""
+    return load_target(EMBEDDED_DEFAULT, dtype=torch.float64)
+
+
+def test_full_patch_at_every_position_reproduces_the_source_run(smollm2_f64, llama_in_float64):
+    """Causal oracle: base and source share a template, entities differ; A maps base j to source j, so patching
+    the whole vector at layer k and running layers k..end must give the source run's own logits.
+
+    Both sides are float64 throughout and the same batch-of-1 computation of the source (its states read at
+    layer k and continued, against its plain forward), so they agree exactly here. On another CPU (thread
+    count, SIMD width, BLAS blocking) each sum may be taken in another order: a batch-of-2 pass against a
+    batch-of-1 pass, the largest reordering we can provoke, moves these logits by 55-60 float64 ulps of their
+    magnitude (1.6e-13 at |logit| ~ 24; in float32 the same reordering gave 1.5e-4, held to 1e-4 before).
+    1e4 ulps leaves 100x margin and is still 1e10 below the change the entities cause (> 1).
+    """
+    target = smollm2_f64
+    tok = target.tokenizer
     base = tok("Vienna is a city in the country of", return_tensors="pt")
     source = tok("Tokyo is a city in the country of", return_tensors="pt")
     assert base.input_ids.shape == source.input_ids.shape
     t = base.input_ids.shape[1]
-    ids = torch.cat([base.input_ids, source.input_ids])
-    mask = torch.ones_like(ids)
-    states = smollm2.hidden_states(ids, mask)
+    mask = torch.ones(1, t, dtype=torch.long)
     k = 9
-    h, s = states[:1, :, k], states[1:, :, k]
-    selection = torch.zeros(1, t + 1, t)
+    h = target.hidden_states(base.input_ids, mask)[:, :, k]
+    s = target.hidden_states(source.input_ids, mask)[:, :, k]
+    selection = torch.zeros(1, t + 1, t, dtype=torch.float64)
     selection[0, torch.arange(t), torch.arange(t)] = 1.0
     patched = interchange(h, s, selection, None)
     last = torch.tensor([[t - 1]])
-    got = smollm2.run_from_layer(patched, k, mask[:1], last)
-    want = smollm2.logits_at(source.input_ids, mask[1:], last)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    unpatched = smollm2.logits_at(base.input_ids, mask[:1], last)
+    got = target.run_from_layer(patched, k, mask, last)
+    want = target.logits_at(source.input_ids, mask, last)
+    ulps = 1e4 * torch.finfo(torch.float64).eps * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=ulps)
+    unpatched = target.logits_at(base.input_ids, mask, last)
     assert (unpatched - want).abs().max() > 1.0  # the entities really do change the prediction
 
 
