@@ -490,10 +490,23 @@ class DeepSpeedEngine:
         dist.barrier()
 
 
-def init_distributed() -> None:
-    """Join the process group set up by the launcher (nccl on CUDA, gloo on CPU), once per process."""
-    import deepspeed
+#: DeepSpeed's shared-memory all-reduce op, which its torch backend JIT-compiles on the first join.
+SHM_COMM_OP = "deepspeed_shm_comm"
 
+
+def init_distributed() -> None:
+    """Join the process group set up by the launcher (nccl on CUDA, gloo on CPU), once per process.
+
+    DeepSpeed's torch backend would first JIT-compile its ``deepspeed_shm_comm`` op into the torch extensions
+    folder (about 60 s on a fresh machine, every rank at once, under a file lock that an interrupted build
+    leaves behind, after which every later launch waits on it forever, silently). The op only serves
+    ``inference_all_reduce`` (DeepSpeed-Inference's tensor parallelism), which training never calls, so it is
+    marked incompatible before joining and DeepSpeed skips it: no launch builds or waits for anything.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # DeepSpeed keeps this dict: the edit persists
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
