@@ -14,14 +14,25 @@ VOCAB = 53
 
 
 def test_run_keys_by_hand():
-    """B=1, T=3 tokens (the first is left padding), N=2 states each, D=2."""
-    states = torch.tensor([[[[9.0, 9.0], [9.0, 9.0]], [[3.0, 4.0], [0.0, 2.0]], [[1.0, 0.0], [6.0, 8.0]]]])
-    keys = RunKeys.from_states(states, torch.tensor([[0, 1, 1]]), torch.tensor([[False, True, False]]))
-    assert torch.equal(keys.states, states.reshape(1, 6, 2))  # token-major: s = t·N + n
-    torch.testing.assert_close(keys.inv_norm, 1 / torch.tensor([[9 * 2**0.5, 9 * 2**0.5, 5.0, 2.0, 1.0, 10.0]]))
-    # real-token index t' (padding counts as 0) times N, plus the layer index n
-    assert keys.positions.tolist() == [[0, 1, 0, 1, 2, 3]]
-    assert keys.mask.tolist() == [[False, False, True, True, False, False]]
+    """B=2, T=3 tokens, N=2 states each, D=2. Row 0: the first token is left padding, tokens 1 and 2 selectable;
+    row 1: only token 2. The selectable tokens' states come first, token-major (s = w·N + n)."""
+    states = torch.tensor(
+        [
+            [[[9.0, 9.0], [9.0, 9.0]], [[3.0, 4.0], [0.0, 2.0]], [[1.0, 0.0], [6.0, 8.0]]],
+            [[[7.0, 7.0], [7.0, 7.0]], [[7.0, 7.0], [7.0, 7.0]], [[0.0, 0.5], [12.0, 5.0]]],
+        ]
+    )
+    attention = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    selectable = torch.tensor([[False, True, True], [False, False, True]])
+    keys = RunKeys.from_states(states, attention, selectable)
+    assert keys.mask.tolist() == [[True] * 4, [True, True, False, False]]
+    assert torch.equal(keys.states[0], states[0, 1:].reshape(4, 2))
+    assert torch.equal(keys.states[1, :2], states[1, 2])
+    torch.testing.assert_close(keys.inv_norm[0], 1 / torch.tensor([5.0, 2.0, 1.0, 10.0]))  # L2 norms
+    torch.testing.assert_close(keys.inv_norm[1, :2], 1 / torch.tensor([0.5, 13.0]))
+    # RoPE position t'·N + n: t' the token's index among real tokens (row 0's padding not counted), n its layer
+    assert keys.positions[0].tolist() == [0, 1, 2, 3]
+    assert keys.positions[1, :2].tolist() == [4, 5]
 
 
 def _editor_encoding(model: HyperDAS, batch: dict, base_states: torch.Tensor, source_states: torch.Tensor):
