@@ -3,8 +3,9 @@
 `DeepSpeedEngine` implements `hyperdas.train.engine.TrainingEngine` over ``deepspeed.initialize``, so
 `hyperdas train` and `train/launch.py` drive the same training loop. Under ZeRO-3 the frozen target is
 created already partitioned (transformers' ``HfDeepSpeedConfig`` is alive while ``from_pretrained`` runs, so
-it builds the model inside ``deepspeed.zero.Init``): no process ever holds the whole target. The editor is
-built from a gathered, plain copy of the target's first L layers and partitioned by ``deepspeed.initialize``.
+it builds the model inside ``deepspeed.zero.Init``): no process ever holds all of the target's weights at once
+(one module is gathered at a time while loading). The editor is built from a gathered, plain copy of the
+target's first L layers and partitioned by ``deepspeed.initialize``.
 
 The DeepSpeed JSON owns how the work is split (ZeRO stage, offload, communication); the run config owns what
 is trained (global batch, micro batch, precision, clipping, optimizer, learning rates). `resolve_ds_config`
