@@ -129,9 +129,10 @@ def test_full_patch_at_every_position_reproduces_the_source_run(smollm2_f64, lla
     Both sides are float64 throughout and the same batch-of-1 computation of the source (its states read at
     layer k and continued, against its plain forward), so they agree exactly here. On another CPU (thread
     count, SIMD width, BLAS blocking) each sum may be taken in another order: a batch-of-2 pass against a
-    batch-of-1 pass, the largest reordering we can provoke, moves these logits by 55-60 float64 ulps of their
-    magnitude (1.6e-13 at |logit| ~ 24; in float32 the same reordering gave 1.5e-4, held to 1e-4 before).
-    1e4 ulps leaves 100x margin and is still 1e10 below the change the entities cause (> 1).
+    batch-of-1 pass, the largest reordering we can provoke, moves these logits by up to 30 float64 eps of their
+    magnitude (6e-14 .. 1.6e-13 at |logit| ~ 24 over 1-2 threads and 3 SIMD widths; in float32 the same
+    reordering gives 2.5e-5 .. 1.5e-4, which a 1e-4 bound did not hold). 1e4 eps leaves 300x margin and is
+    still 1e10 below the change the entities cause (> 1).
     """
     target = smollm2_f64
     tok = target.tokenizer
