@@ -42,10 +42,11 @@ def make_inputs(seed: int = 0) -> list[torch.Tensor]:
     shapes = ((B, Tb, H, hd), (B, Ts, H, hd), (B, Tb, H, hd), (B, H, hd))  # base, source, self keys; query
     keys = [torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=DTYPE).requires_grad_() for shape in shapes]
     positions = torch.arange(Tb).expand(B, Tb).contiguous()
+    query_positions = torch.full((B,), 7)  # the last token of an 8-token instruction
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     base_mask = torch.rand(B, Tb, generator=gen) >= 0.25
     source_mask = torch.rand(B, Ts, generator=gen) >= 0.25
-    return keys + [t.to(DEVICE) for t in (positions, inv_freq, base_mask, source_mask)]
+    return keys + [t.to(DEVICE) for t in (positions, query_positions, inv_freq, base_mask, source_mask)]
 
 
 def make_step(fn: Callable[..., torch.Tensor], args: list[torch.Tensor], mode: str) -> Callable[[], None]:

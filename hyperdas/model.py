@@ -285,6 +285,7 @@ class HyperDAS(nn.Module):
             h,
             s,
             position_ids_from_mask(batch["base_attention_mask"]),
+            position_ids_from_mask(batch["instruction_attention_mask"])[:, -1],  # the encoding's token
             self.editor.inv_freq.float(),
             base_mask,
             source_mask,

@@ -19,10 +19,11 @@ class SelectionHead(nn.Module):
     """Scores pairs (source token i, base token j) against the editor's encoding.
 
     With b̂_j, ŝ_i the L2-normalised base/source states at layer k and e the encoding:
-    c_ij = W1 b̂_j + W2 ŝ_i (i < Ts), c_{Ts,j} = b̂_j; K_ij = RoPE_{p_j}(W_k c_ij); q = W_q e;
-    logit_ij = mean_h q_h · K_ij,h / √hd, masked; A = softmax over i. Because c is linear, the three
-    projections W_k W1 b̂, W_k W2 ŝ and W_k b̂ are computed once per token and the pair tensor
-    (B, Ts, Tb, D) of the reference is never formed (the fused kernel or its matmul form does the rest).
+    c_ij = W1 b̂_j + W2 ŝ_i (i < Ts), c_{Ts,j} = b̂_j; K_ij = RoPE_{p_j}(W_k c_ij); q = RoPE_{p_q}(W_q e) at
+    the last instruction token's position p_q; logit_ij = mean_h q_h · K_ij,h / √hd, masked; A = softmax
+    over i. Because c is linear, the three projections W_k W1 b̂, W_k W2 ŝ and W_k b̂ are computed once per
+    token and the pair tensor (B, Ts, Tb, D) of the reference is never formed (the fused kernel or its matmul
+    form does the rest).
     """
 
     def __init__(self, hidden_size: int, num_heads: int):
@@ -44,6 +45,7 @@ class SelectionHead(nn.Module):
         base_states: torch.Tensor,
         source_states: torch.Tensor,
         base_positions: torch.Tensor,
+        query_positions: torch.Tensor,
         inv_freq: torch.Tensor,
         base_mask: torch.Tensor,
         source_mask: torch.Tensor,
@@ -55,6 +57,7 @@ class SelectionHead(nn.Module):
             encoding: e (B, D).
             base_states: raw base states at layer k (B, Tb, D); source_states: (B, Ts, D).
             base_positions: (B, Tb) RoPE positions of the base tokens.
+            query_positions: (B,) RoPE position of the last instruction token (left padding not counted).
             inv_freq: (hd/2,) RoPE inverse frequencies.
             base_mask: (B, Tb) bool selectable base positions; source_mask: (B, Ts) bool.
             use_triton: force the fused kernel (True) or the PyTorch path (False); None = on CUDA.
@@ -72,8 +75,8 @@ class SelectionHead(nn.Module):
         )  # (B, Ts, H, hd)
         query = self.query_proj(encoding).view(encoding.shape[0], self.num_heads, self.head_dim)  # (B, H, hd)
         return selection_head(
-            base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask, source_mask,
-            use_triton=use_triton,
+            base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask,
+            source_mask, use_triton=use_triton,
         )
 
 

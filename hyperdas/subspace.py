@@ -2,7 +2,9 @@
 
 The interchange (METHOD.md section 5) is h' = h + W Wᵀ (s̃ − h), so every module here returns either a basis
 W (B, D, r) / (D, r), or None for "patch the whole vector". MaskSelect's R diag(m) Rᵀ is written as W Wᵀ with
-W = R diag(√m), so one fused interchange serves all of them.
+W = R diag(√m), so one fused interchange serves all of them. R and W are float32 (float64 in float64 runs)
+whatever the modules' weights are: under DeepSpeed bf16 the working weights are bf16, and W rounded to bf16
+would be orthonormal only to 2^-9, not to float32 precision.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ class OrthonormalBasis(nn.Module):
         nn.init.orthogonal_(self.weight)
 
     def forward(self) -> torch.Tensor:
-        """R: (D, r), RᵀR = I."""
+        """R: (D, r) in float32 (float64 for a float64 weight), RᵀR = I to that precision."""
         q, r = torch.linalg.qr(at_least_fp32(self.weight))
         signs = torch.sign(torch.diagonal(r))
         signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-        return (q * signs).to(self.weight.dtype)
+        return q * signs
 
 
 class SwiGLU(nn.Module):
@@ -76,18 +78,19 @@ class ReflectSelect(nn.Module):
         return {"reflection": self.reflection(encoding)}
 
     def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        """encoding: (B, D); basis: R (D, r) from ``self.rotation()`` -> W: (B, D, r)."""
+        """encoding: (B, D); basis: R (D, r) from ``self.rotation()`` -> W: (B, D, r), at least float32."""
         basis = at_least_fp32(basis)
         v = self.reflection(encoding)  # (B, D)
         vtr = v @ basis  # (B, r)
-        w = basis[None] - 2.0 * v[:, :, None] * vtr[:, None, :]  # (B, D, r)
-        return w.to(encoding.dtype)
+        return basis[None] - 2.0 * v[:, :, None] * vtr[:, None, :]  # (B, D, r)
 
 
 class MaskSelect(nn.Module):
     """h' = h + ((s̃ − h) R ⊙ σ(MLP(e)/τ)) Rᵀ, i.e. W = R diag(√m), m = σ(MLP(e)/τ) ∈ (0, 1)^r.
 
-    τ is annealed linearly from 50 to 0.1 over training (``set_temperature``), so the soft mask hardens.
+    τ is annealed linearly from 50 to 0.1 over training (``set_temperature``), so the soft mask hardens. The
+    current τ is part of the state dict (``_extra_state``), so a saved model is loaded at the temperature it
+    was trained to, not at the starting 50.
     """
 
     def __init__(self, hidden_size: int, rank: int, temperature: float = 50.0):
@@ -109,9 +112,16 @@ class MaskSelect(nn.Module):
         """What an analysis of the chosen subspaces reads per example: the mask m (B, r)."""
         return {"mask": self.mask(encoding)}
 
+    def get_extra_state(self) -> torch.Tensor:
+        """τ for the state dict: a float64 scalar tensor (not a buffer, so casting the module leaves it exact)."""
+        return torch.tensor(self.temperature, dtype=torch.float64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.set_temperature(float(state))
+
     def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        """encoding: (B, D); basis: R (D, r) -> W: (B, D, r)."""
-        return (at_least_fp32(basis)[None] * self.mask(encoding).sqrt()[:, None, :]).to(encoding.dtype)
+        """encoding: (B, D); basis: R (D, r) -> W: (B, D, r), at least float32."""
+        return at_least_fp32(basis)[None] * self.mask(encoding).sqrt()[:, None, :]
 
 
 class StaticDAS(nn.Module):
@@ -125,7 +135,7 @@ class StaticDAS(nn.Module):
         return {}  # the same basis for every example: nothing per example to analyse
 
     def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        return basis.to(encoding.dtype)
+        return at_least_fp32(basis)
 
 
 class FullSubspace(nn.Module):

@@ -2,12 +2,15 @@
 
 ``tiny_llama_config`` + ``hyperdas.targets.build_random_target`` give a target in milliseconds;
 ``make_batch`` gives a collated batch shaped exactly as hyperdas.data.collate makes one, with random tokens
-and uneven, left-padded lengths.
+and uneven, left-padded lengths; ``PlantedTarget`` knows a planted set of prompts; ``llama_in_float64`` makes a
+float64 Llama float64 throughout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 
 import torch
 
@@ -110,3 +113,30 @@ class PlantedTarget:
         texts = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(input_ids, attention_mask, strict=True)]
         knows = torch.tensor([self.knows(t) for t in texts])[:, None]
         return torch.nn.functional.one_hot(torch.where(knows, following, 0), self.vocab).float()
+
+
+@contextlib.contextmanager
+def llama_in_float64() -> Iterator[None]:
+    """Hugging Face's Llama computes its RMSNorm (forward and backward) and its RoPE cos/sin tables in float32
+    even for float64 inputs, so a float64 run is only float32-accurate there (a 2**-24 relative rounding that two
+    independent float64 paths place differently). Inside this context both compute in at least float32, i.e.
+    float64 for float64 inputs and exactly as Hugging Face does for float32 and bfloat16 ones."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
+    def norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        wide = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * normed.to(hidden_states.dtype)
+
+    def rope_forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        freqs = position_ids[..., None].to(dtype) * self.inv_freq.to(device=x.device, dtype=dtype)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    saved = LlamaRMSNorm.forward, LlamaRotaryEmbedding.forward
+    LlamaRMSNorm.forward, LlamaRotaryEmbedding.forward = norm_forward, rope_forward
+    try:
+        yield
+    finally:
+        LlamaRMSNorm.forward, LlamaRotaryEmbedding.forward = saved

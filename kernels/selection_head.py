@@ -4,20 +4,24 @@ The head scores every (source token i, base token j) pair and normalises over th
 SELF row (i = Ts, "keep the base"), so that every column of A (B, Ts+1, Tb) sums to 1 (METHOD.md section 3).
 With the model's projections already applied (c_ij = W1 b_j + W2 s_i is linear, so W_k c_ij = kb_j + ks_i):
 
-    logit_ij  = 1/(H sqrt(hd)) sum_h q_h . RoPE_{p_j}(kb_jh + ks_ih)      for i < Ts
-    logit_Ts,j = 1/(H sqrt(hd)) sum_h q_h . RoPE_{p_j}(kself_jh)
+    logit_ij  = 1/(H sqrt(hd)) sum_h RoPE_{p_q}(q_h) . RoPE_{p_j}(kb_jh + ks_ih)      for i < Ts
+    logit_Ts,j = 1/(H sqrt(hd)) sum_h RoPE_{p_q}(q_h) . RoPE_{p_j}(kself_jh)
     logit_ij  = -inf where source i or base j is not selectable (i < Ts; the SELF row is never masked)
     A[:, :, j] = softmax_i(logit_:,j)
 
-RoPE is a rotation R_j that is the same for every key of column j, so q_h . R_j k = (R_jᵀ q_h) . k. With
+with p_q the query's position (the last instruction token's real-token index) and p_j base token j's. RoPE
+rotations compose by adding angles, so RoPE_{p_q}(q) . RoPE_{p_j}(k) = (RoPE_{p_j - p_q}ᵀ q) . k: with
+R_j = RoPE_{p_j - p_q}, the same for every key of column j, and
 q̃_j = concat_h R_jᵀ q_h (B, Tb, H·hd) the logits split into a per-column term and one batched matmul,
 
     logit_ij = 1/(H sqrt(hd)) [q̃_j . kb_j + q̃_j . ks_i],
 
-and no (B, Ts, Tb, H, hd) pair tensor is ever needed. The file holds, in order: the RoPE helper, the literal
-reference (`selection_head_naive`, the oracle, which does materialise the pair keys as the authors' code
-does), the factorised PyTorch form (`selection_head_torch`, the CPU path), the Triton kernels with their
-launchers and `SelectionHeadFunction`, the dispatching `selection_head`, and the thin `SelectionHead` module.
+and no (B, Ts, Tb, H, hd) pair tensor is ever needed. The fast paths (PyTorch and Triton, forward and
+backward) rotate by the relative angle p_j - p_q; the naive oracle rotates q and every key separately.
+The file holds, in order: the RoPE helper, the literal reference (`selection_head_naive`, the oracle, which
+does materialise the pair keys as the authors' code does), the factorised PyTorch form (`selection_head_torch`,
+the CPU path), the Triton kernels with their launchers and `SelectionHeadFunction`, the dispatching
+`selection_head`, and the thin `SelectionHead` module.
 
 RoPE follows Hugging Face Llama ("rotate_half"): with x = (x1, x2) split in halves and θ_f = p·inv_freq_f,
 RoPE_p(x) = (x1 cos θ - x2 sin θ, x2 cos θ + x1 sin θ) and its transpose RoPE_pᵀ = RoPE_{-p}.
@@ -63,6 +67,7 @@ def _check_inputs(
     self_keys: torch.Tensor,
     query: torch.Tensor,
     base_positions: torch.Tensor,
+    query_positions: torch.Tensor,
     inv_freq: torch.Tensor,
     base_mask: torch.Tensor,
     source_mask: torch.Tensor,
@@ -82,6 +87,7 @@ def _check_inputs(
         "self_keys": (self_keys, (B, Tb, H, hd)),
         "query": (query, (B, H, hd)),
         "base_positions": (base_positions, (B, Tb)),
+        "query_positions": (query_positions, (B,)),
         "inv_freq": (inv_freq, (hd // 2,)),
         "base_mask": (base_mask, (B, Tb)),
         "source_mask": (source_mask, (B, Ts)),
@@ -96,13 +102,14 @@ def _check_inputs(
                          ("query", query), ("inv_freq", inv_freq)):
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-    if base_positions.is_floating_point() or base_positions.dtype == torch.bool:
-        raise ValueError(f"base_positions must be an integer tensor, got dtype {base_positions.dtype}")
+    for name, tensor in (("base_positions", base_positions), ("query_positions", query_positions)):
+        if tensor.is_floating_point() or tensor.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got dtype {tensor.dtype}")
     for name, tensor in (("base_mask", base_mask), ("source_mask", source_mask)):
         if tensor.dtype != torch.bool:
             raise ValueError(f"{name} must be a bool tensor, got dtype {tensor.dtype}")
-    devices = {t.device for t in (base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask,
-                                  source_mask)}
+    devices = {t.device for t in (base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq,
+                                  base_mask, source_mask)}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
     return B, Ts, Tb, H, hd
@@ -155,6 +162,7 @@ def selection_head_naive(
     self_keys: torch.Tensor,
     query: torch.Tensor,
     base_positions: torch.Tensor,
+    query_positions: torch.Tensor,
     inv_freq: torch.Tensor,
     base_mask: torch.Tensor,
     source_mask: torch.Tensor,
@@ -162,15 +170,17 @@ def selection_head_naive(
     """The literal, unfused selection head (the oracle): materialise every pair key, rotate, dot, softmax.
 
     K_ij = RoPE_{p_j}(kb_j + ks_i) for i < Ts and K_Ts,j = RoPE_{p_j}(kself_j), all (B, Ts+1, Tb, H, hd);
-    logit_ij = mean_h(q_h . K_ij,h) / sqrt(hd), -inf where source i or base j is not selectable (i < Ts);
-    A = softmax over i.
+    q̂ = RoPE_{p_q}(q); logit_ij = mean_h(q̂_h . K_ij,h) / sqrt(hd), -inf where source i or base j is not
+    selectable (i < Ts); A = softmax over i.
 
     Args:
         base_keys: (B, Tb, H, hd) W_k W1 b_j.
         source_keys: (B, Ts, H, hd) W_k W2 s_i.
         self_keys: (B, Tb, H, hd) W_k b_j, the SELF row's keys.
-        query: (B, H, hd) W_q e, unrotated (position 0).
+        query: (B, H, hd) W_q e, before RoPE.
         base_positions: (B, Tb) integer RoPE position of each base column.
+        query_positions: (B,) integer RoPE position of the query (the last instruction token's, real tokens
+            counted from 0, so left padding does not shift it).
         inv_freq: (hd/2,) RoPE inverse frequencies.
         base_mask: (B, Tb) bool, selectable base positions.
         source_mask: (B, Ts) bool, selectable source tokens.
@@ -178,14 +188,15 @@ def selection_head_naive(
     Returns:
         A: (B, Ts+1, Tb) float32 (float64 when the inputs are float64); every column sums to 1.
     """
-    B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions, inv_freq,
-                                     base_mask, source_mask)
+    B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions,
+                                     query_positions, inv_freq, base_mask, source_mask)
     dtype = _work_dtype(base_keys, source_keys, self_keys, query, inv_freq)
     pair_keys = base_keys.to(dtype)[:, None] + source_keys.to(dtype)[:, :, None]  # (B, Ts, Tb, H, hd)
     pair_keys = rope_rotate(pair_keys, base_positions[:, None, :], inv_freq)
     own_keys = rope_rotate(self_keys.to(dtype), base_positions, inv_freq)  # (B, Tb, H, hd)
     keys = torch.cat((pair_keys, own_keys[:, None]), dim=1)  # (B, Ts+1, Tb, H, hd)
-    logits = (keys * query.to(dtype)[:, None, None]).sum(-1).mean(-1) / math.sqrt(hd)  # (B, Ts+1, Tb)
+    rotated_query = rope_rotate(query.to(dtype), query_positions, inv_freq)  # (B, H, hd)
+    logits = (keys * rotated_query[:, None, None]).sum(-1).mean(-1) / math.sqrt(hd)  # (B, Ts+1, Tb)
     selectable = source_mask[:, :, None] & base_mask[:, None, :]  # (B, Ts, Tb)
     keep = torch.cat((selectable, selectable.new_ones(B, 1, Tb)), dim=1)  # (B, Ts+1, Tb)
     return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)
@@ -197,21 +208,23 @@ def selection_head_torch(
     self_keys: torch.Tensor,
     query: torch.Tensor,
     base_positions: torch.Tensor,
+    query_positions: torch.Tensor,
     inv_freq: torch.Tensor,
     base_mask: torch.Tensor,
     source_mask: torch.Tensor,
 ) -> torch.Tensor:
     """The selection head without pair tensors: a per-column term plus one batched matmul.
 
-    q̃_j = concat_h RoPE_{p_j}ᵀ q_h (B, Tb, H·hd); logit_ij = (q̃_j . kb_j + q̃_j . ks_i) / (H sqrt(hd)) for
+    q̃_j = concat_h RoPE_{p_j - p_q}ᵀ q_h (B, Tb, H·hd); logit_ij = (q̃_j . kb_j + q̃_j . ks_i) / (H sqrt(hd)) for
     i < Ts, logit_Ts,j = q̃_j . kself_j / (H sqrt(hd)); masked and column-softmaxed as in
     `selection_head_naive`. Arguments and result are those of `selection_head_naive`.
     """
-    B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions, inv_freq,
-                                     base_mask, source_mask)
+    B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions,
+                                     query_positions, inv_freq, base_mask, source_mask)
     dtype = _work_dtype(base_keys, source_keys, self_keys, query, inv_freq)
     scale = 1.0 / (H * math.sqrt(hd))
-    q_rot = rope_rotate(query.to(dtype)[:, None].expand(B, Tb, H, hd), base_positions, inv_freq, inverse=True)
+    relative = base_positions - query_positions[:, None]  # (B, Tb): RoPE_{p_q} then RoPE_{p_j}ᵀ
+    q_rot = rope_rotate(query.to(dtype)[:, None].expand(B, Tb, H, hd), relative, inv_freq, inverse=True)
     q_rot = q_rot.reshape(B, Tb, H * hd)  # (B, Tb, D) with D = H·hd
     column = (q_rot * base_keys.to(dtype).reshape(B, Tb, H * hd)).sum(-1)  # (B, Tb)
     own = (q_rot * self_keys.to(dtype).reshape(B, Tb, H * hd)).sum(-1)  # (B, Tb)
@@ -228,7 +241,8 @@ def selection_head_torch(
 # Layout shared by every kernel: keys and query are contiguous, so row t of a (B, T, H, hd) tensor starts at
 # (b·T + t)·D, D = H·hd. The feature axis is walked in RoPE pairs f in [0, H·hd/2): pair f of head
 # h = f // (hd/2) couples the dimensions lo = h·hd + f mod (hd/2) and hi = lo + hd/2, so every rotation is
-# local to one tile. cos/sin are (B, Tb, hd/2) float32 tables: cos[b, j, r] = cos(p_bj · inv_freq_r).
+# local to one tile. cos/sin are (B, Tb, hd/2) float32 tables of the relative angle of column j to the query:
+# cos[b, j, r] = cos((p_bj - p_bq) · inv_freq_r), so q̃ = RoPE_{p_j - p_q}ᵀ q is the rotated query's view.
 
 
 @triton.jit
@@ -241,7 +255,7 @@ def _pair_columns(offs_f, P, HALF: tl.constexpr, HD: tl.constexpr):
 
 @triton.jit
 def _rotated_query(q_ptr, cos_ptr, sin_ptr, b, offs_j, lo, hi, r, f_ok, Tb, P, HALF: tl.constexpr):
-    """q̃ = RoPE_{p_j}ᵀ q on a (BLOCK_J, BLOCK_F) tile of pairs: q̃1 = q1 cos + q2 sin, q̃2 = q2 cos - q1 sin.
+    """q̃ = RoPE_{p_j - p_q}ᵀ q on a (BLOCK_J, BLOCK_F) tile of pairs: q̃1 = q1 cos + q2 sin, q̃2 = q2 cos - q1 sin.
 
     Returns (q̃1, q̃2, cos, sin); rows j >= Tb and pairs f >= P are zero.
     """
@@ -401,7 +415,7 @@ def _base_bwd_kernel(
 
     d kb_j = gsum_j q̃_j,  d kself_j = G_Ts,j q̃_j,
     d q̃_j = gsum_j kb_j + G_Ts,j kself_j + Σ_{i<Ts} G_ij ks_i   (a (Tb x Ts)(Ts x D) matmul),
-    d q_h = Σ_j RoPE_{p_j}(d q̃_jh):  dq1 += dq̃1 cos - dq̃2 sin,  dq2 += dq̃2 cos + dq̃1 sin.
+    d q_h = Σ_j RoPE_{p_j - p_q}(d q̃_jh):  dq1 += dq̃1 cos - dq̃2 sin,  dq2 += dq̃2 cos + dq̃1 sin.
     """
     b = tl.program_id(0).to(tl.int64)
     offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -462,7 +476,7 @@ def _tile(n: int, largest: int) -> int:
 
 
 def _rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of θ = p·inv_freq in float32, as Hugging Face computes them: (B, Tb, hd/2) each."""
+    """cos, sin of θ = p·inv_freq in float32, as Hugging Face computes them: (B, Tb, hd/2) each (p may be < 0)."""
     theta = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
     return theta.cos().contiguous(), theta.sin().contiguous()
 
@@ -483,8 +497,9 @@ class SelectionHeadFunction(torch.autograd.Function):
 
     Saves A (the output, so no extra memory), the inputs and the (B, Tb, hd/2) cos/sin tables. Backward:
     G = s·A ⊙ (dA − Σ_i A dA) (column softmax, s = 1/(H sqrt(hd))), then d ks = G[:, :Ts] q̃,
-    d kb_j = (Σ_{i<Ts} G_ij) q̃_j, d kself_j = G_Ts,j q̃_j, d q = Σ_j RoPE_{p_j}(d q̃_j). The only scratch
-    tensors are G (B, Ts+1, Tb) and its column sums (B, Tb). Positions, inv_freq and masks get no gradient.
+    d kb_j = (Σ_{i<Ts} G_ij) q̃_j, d kself_j = G_Ts,j q̃_j, d q = Σ_j RoPE_{p_j - p_q}(d q̃_j) (q before RoPE).
+    The only scratch tensors are G (B, Ts+1, Tb) and its column sums (B, Tb). Positions, inv_freq and masks get
+    no gradient.
     """
 
     @staticmethod
@@ -495,15 +510,16 @@ class SelectionHeadFunction(torch.autograd.Function):
         self_keys: torch.Tensor,
         query: torch.Tensor,
         base_positions: torch.Tensor,
+        query_positions: torch.Tensor,
         inv_freq: torch.Tensor,
         base_mask: torch.Tensor,
         source_mask: torch.Tensor,
     ) -> torch.Tensor:
-        B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions, inv_freq,
-                                         base_mask, source_mask)
+        B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions,
+                                         query_positions, inv_freq, base_mask, source_mask)
         _check_triton(base_keys, source_keys, self_keys, query)
         kb, ks, kself, q = (t.contiguous() for t in (base_keys, source_keys, self_keys, query))
-        cos, sin = _rope_tables(base_positions, inv_freq)
+        cos, sin = _rope_tables(base_positions - query_positions[:, None], inv_freq)  # relative to the query
         scores = _alloc((B, Ts + 1, Tb), torch.float32, kb.device)
         block_j = _tile(Tb, BLOCK_J_MAX)
         _selection_fwd_kernel[(B, triton.cdiv(Tb, block_j))](
@@ -546,7 +562,7 @@ class SelectionHeadFunction(torch.autograd.Function):
         )
         needs = ctx.needs_input_grad
         return (d_base if needs[0] else None, d_source, d_self if needs[2] else None, d_query if needs[3] else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -560,6 +576,7 @@ def selection_head(
     self_keys: torch.Tensor,
     query: torch.Tensor,
     base_positions: torch.Tensor,
+    query_positions: torch.Tensor,
     inv_freq: torch.Tensor,
     base_mask: torch.Tensor,
     source_mask: torch.Tensor,
@@ -568,8 +585,8 @@ def selection_head(
     """The selection matrix A (B, Ts+1, Tb), float32, columns summing to 1 (see `selection_head_naive`).
 
     Args:
-        base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask, source_mask: as in
-            `selection_head_naive`.
+        base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask,
+            source_mask: as in `selection_head_naive`.
         use_triton: True forces the fused Triton op (CUDA, or CPU under TRITON_INTERPRET=1), False forces
             `selection_head_torch`; None picks Triton when the keys are on CUDA in a dtype it takes
             (float32, bfloat16, float16), else `selection_head_torch`.
@@ -578,7 +595,8 @@ def selection_head(
         use_triton = base_keys.is_cuda and all(
             t.dtype in _TRITON_DTYPES for t in (base_keys, source_keys, self_keys, query)
         )
-    args = (base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask, source_mask)
+    args = (base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask,
+            source_mask)
     if use_triton:
         return SelectionHeadFunction.apply(*args)
     return selection_head_torch(*args)
@@ -602,13 +620,14 @@ class SelectionHead(nn.Module):
         self_keys: torch.Tensor,
         query: torch.Tensor,
         base_positions: torch.Tensor,
+        query_positions: torch.Tensor,
         inv_freq: torch.Tensor,
         base_mask: torch.Tensor,
         source_mask: torch.Tensor,
     ) -> torch.Tensor:
         """A (B, Ts+1, Tb) float32; see `selection_head_naive` for the arguments."""
-        return selection_head(base_keys, source_keys, self_keys, query, base_positions, inv_freq, base_mask,
-                              source_mask, use_triton=self.use_triton)
+        return selection_head(base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq,
+                              base_mask, source_mask, use_triton=self.use_triton)
 
     def extra_repr(self) -> str:
         return f"use_triton={self.use_triton}"

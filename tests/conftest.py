@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from hyperdas.targets import EMBEDDED_DEFAULT, FrozenTarget, build_random_target, load_target  # noqa: E402
+from hyperdas.testing import llama_in_float64 as float64_llama  # noqa: E402
 from hyperdas.testing import tiny_llama_config  # noqa: E402
 
 
@@ -34,3 +35,10 @@ def tiny_target_f64(smollm2) -> FrozenTarget:
     return build_random_target(
         tiny_llama_config(len(smollm2.tokenizer)), tokenizer=smollm2.tokenizer, dtype=torch.float64, seed=0
     )
+
+
+@pytest.fixture()
+def llama_in_float64():
+    """A float64 Llama computes in float64 throughout (see hyperdas.testing.llama_in_float64)."""
+    with float64_llama():
+        yield

@@ -3,8 +3,9 @@
 `DeepSpeedEngine` implements `hyperdas.train.engine.TrainingEngine` over ``deepspeed.initialize``, so
 `hyperdas train` and `train/launch.py` drive the same training loop. Under ZeRO-3 the frozen target is
 created already partitioned (transformers' ``HfDeepSpeedConfig`` is alive while ``from_pretrained`` runs, so
-it builds the model inside ``deepspeed.zero.Init``): no process ever holds the whole target. The editor is
-built from a gathered, plain copy of the target's first L layers and partitioned by ``deepspeed.initialize``.
+it builds the model inside ``deepspeed.zero.Init``): no process ever holds all of the target's weights at once
+(one module is gathered at a time while loading). The editor is built from a gathered, plain copy of the
+target's first L layers and partitioned by ``deepspeed.initialize``.
 
 The DeepSpeed JSON owns how the work is split (ZeRO stage, offload, communication); the run config owns what
 is trained (global batch, micro batch, precision, clipping, optimizer, learning rates). `resolve_ds_config`
@@ -490,10 +491,23 @@ class DeepSpeedEngine:
         dist.barrier()
 
 
-def init_distributed() -> None:
-    """Join the process group set up by the launcher (nccl on CUDA, gloo on CPU), once per process."""
-    import deepspeed
+#: DeepSpeed's shared-memory all-reduce op, which its torch backend JIT-compiles on the first join.
+SHM_COMM_OP = "deepspeed_shm_comm"
 
+
+def init_distributed() -> None:
+    """Join the process group set up by the launcher (nccl on CUDA, gloo on CPU), once per process.
+
+    DeepSpeed's torch backend would first JIT-compile its ``deepspeed_shm_comm`` op into the torch extensions
+    folder (about 60 s on a fresh machine, every rank at once, under a file lock that an interrupted build
+    leaves behind, after which every later launch waits on it forever, silently). The op only serves
+    ``inference_all_reduce`` (DeepSpeed-Inference's tensor parallelism), which training never calls, so it is
+    marked incompatible before joining and DeepSpeed skips it: no launch builds or waits for anything.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # DeepSpeed keeps this dict: the edit persists
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

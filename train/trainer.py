@@ -266,7 +266,8 @@ class Trainer:
     def _one_step(self, indices: list[int]) -> dict:
         engine = self.engine
         weights = self.loss_weights(self.state.step)
-        engine.model.set_progress(self.state.step / max(self.total_steps, 1))
+        # the last step trains (and the model is saved) at the end of the schedule, e.g. MaskSelect's τ = 0.1
+        engine.model.set_progress(self.state.step / max(self.total_steps - 1, 1))
         engine.set_lr_scale(self.lr_scale(self.state.step))
         micro_batches = process_slices(indices, self.setup.rank, self.setup.world_size, engine.micro_batch_size)
         losses, ces, penalties = [], [], []

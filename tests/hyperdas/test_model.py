@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from hyperdas.compat import LlamaInterpreter, LlamaInterpreterConfig
-from hyperdas.config import HyperDASConfig
+from hyperdas.config import SELECTION_MODES, HyperDASConfig
 from hyperdas.kernels.interchange import interchange
 from hyperdas.literal import literal_four_pass_forward
 from hyperdas.model import HyperDAS, LossWeights
-from hyperdas.targets import build_random_target
+from hyperdas.targets import EMBEDDED_DEFAULT, build_random_target, load_target
 from hyperdas.testing import make_batch, tiny_llama_config
 
 VOCAB = 101
@@ -32,22 +32,33 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.trainable_named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("mode", SELECTION_MODES)
 @pytest.mark.parametrize("subspace", ["ReflectSelect", "MaskSelect", "DAS", "full"])
 @pytest.mark.parametrize("layer", [0, 2])
-def test_two_pass_step_equals_literal_four_pass(target64, subspace, layer):
+def test_two_pass_step_equals_literal_four_pass(target64, subspace, layer, mode, llama_in_float64):
+    """Float64 end to end (llama_in_float64 lifts Hugging Face's two float32 shortcuts), so both paths are exact
+    up to float64 rounding: ~1e-16 per operation over a few hundred operations, conditioned by a random tiny
+    net, stays below 1e-12 relative; the bounds below leave 100x margin and sit 1e6 below any one-line bug."""
     model = _model(target64, subspace_module=subspace, intervention_layer=layer)
+    if subspace == "MaskSelect":
+        model.set_progress(0.9)  # a temperature of ~5, where the mask is far from σ(0) = 1/2 everywhere
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
     weights = LossWeights(causal=3.5, isolate=0.5, sparsity=0.7)
-    out = model(batch, loss_weights=weights)
+    out = model(batch, mode=mode, loss_weights=weights)
+    loss, logits = literal_four_pass_forward(model, batch, mode=mode, loss_weights=weights)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
+    if not loss.requires_grad:  # "full" with a hard selection: nothing trained is on the path
+        assert subspace == "full" and mode != "soft"
+        return
     out.loss.backward()
     fast = _grads(model)
     model.zero_grad(set_to_none=True)
-    loss, logits = literal_four_pass_forward(model, batch, loss_weights=weights)
     loss.backward()
     slow = _grads(model)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
-    assert fast.keys() == slow.keys() == {n for n, _ in model.trainable_named_parameters()}
+    assert fast.keys() == slow.keys()
+    if mode == "soft":
+        assert fast.keys() == {n for n, _ in model.trainable_named_parameters()}
     for name in fast:
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-11, msg=name)
 
@@ -61,6 +72,28 @@ def test_gradients_reach_every_trained_part(target64):
     for prefix in parts:
         assert any(n.startswith(prefix) for n, _ in model.trainable_named_parameters()), prefix
     assert all(p.grad is None for p in model.target.parameters())
+
+
+@pytest.mark.parametrize("subspace", ["ReflectSelect", "MaskSelect"])
+def test_param_groups_give_r_and_the_mask_their_own_rates(target64, subspace):
+    """METHOD.md: editor lr with decay for the editor and selection head, R at rotation_lr without decay,
+    MaskSelect's mask projection at mask_lr with decay; every trained parameter in exactly one group."""
+    model = _model(target64, subspace_module=subspace)
+    groups = {g["name"]: g for g in model.param_groups(4e-5, 1e-3, 1e-2, 0.01)}
+    names = {id(p): n for n, p in model.trainable_named_parameters()}
+    members = {name: sorted(names[id(p)] for p in g["params"]) for name, g in groups.items()}
+    everything = sorted(n for n, _ in model.trainable_named_parameters())
+    assert sorted(n for group in members.values() for n in group) == everything
+    assert members["rotation"] == ["subspace.rotation.weight"]
+    assert (groups["rotation"]["lr"], groups["rotation"]["weight_decay"]) == (1e-3, 0.0)
+    assert (groups["editor"]["lr"], groups["editor"]["weight_decay"]) == (4e-5, 0.01)
+    assert any(n.startswith("selection_head.") for n in members["editor"])
+    if subspace == "MaskSelect":
+        assert members["mask"] and all(n.startswith("subspace.mask_logits.") for n in members["mask"])
+        assert (groups["mask"]["lr"], groups["mask"]["weight_decay"]) == (1e-2, 0.01)
+    else:
+        assert "mask" not in groups
+        assert any(n.startswith("subspace.reflector.") for n in members["editor"])
 
 
 def test_editor_blocks_own_their_weights(target64):
@@ -83,26 +116,43 @@ def test_reflect_select_basis_is_orthonormal(target64):
     assert model.subspace.rotation().abs().sum() > 0  # never the all-zero basis of torch.empty
 
 
-def test_full_patch_at_every_position_reproduces_the_source_run(smollm2):
-    """Causal oracle: base and source share a template, entities differ; A maps base j to source j."""
-    tok = smollm2.tokenizer
+@pytest.fixture(scope="module")
+def smollm2_f64():
+    """The embedded default in float64 (about 1 GB)."""
+    return load_target(EMBEDDED_DEFAULT, dtype=torch.float64)
+
+
+def test_full_patch_at_every_position_reproduces_the_source_run(smollm2_f64, llama_in_float64):
+    """Causal oracle: base and source share a template, entities differ; A maps base j to source j, so patching
+    the whole vector at layer k and running layers k..end must give the source run's own logits.
+
+    Both sides are float64 throughout and the same batch-of-1 computation of the source (its states read at
+    layer k and continued, against its plain forward), so they agree exactly here. On another CPU (thread
+    count, SIMD width, BLAS blocking) each sum may be taken in another order: a batch-of-2 pass against a
+    batch-of-1 pass, the largest reordering we can provoke, moves these logits by up to 30 float64 eps of their
+    magnitude (6e-14 .. 1.6e-13 at |logit| ~ 24 over 1-2 threads and 3 SIMD widths; in float32 the same
+    reordering gives 2.5e-5 .. 1.5e-4, which a 1e-4 bound did not hold). 1e4 eps leaves 300x margin and is
+    still 1e10 below the change the entities cause (> 1).
+    """
+    target = smollm2_f64
+    tok = target.tokenizer
     base = tok("Vienna is a city in the country of", return_tensors="pt")
     source = tok("Tokyo is a city in the country of", return_tensors="pt")
     assert base.input_ids.shape == source.input_ids.shape
     t = base.input_ids.shape[1]
-    ids = torch.cat([base.input_ids, source.input_ids])
-    mask = torch.ones_like(ids)
-    states = smollm2.hidden_states(ids, mask)
+    mask = torch.ones(1, t, dtype=torch.long)
     k = 9
-    h, s = states[:1, :, k], states[1:, :, k]
-    selection = torch.zeros(1, t + 1, t)
+    h = target.hidden_states(base.input_ids, mask)[:, :, k]
+    s = target.hidden_states(source.input_ids, mask)[:, :, k]
+    selection = torch.zeros(1, t + 1, t, dtype=torch.float64)
     selection[0, torch.arange(t), torch.arange(t)] = 1.0
     patched = interchange(h, s, selection, None)
     last = torch.tensor([[t - 1]])
-    got = smollm2.run_from_layer(patched, k, mask[:1], last)
-    want = smollm2.logits_at(source.input_ids, mask[1:], last)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    unpatched = smollm2.logits_at(base.input_ids, mask[:1], last)
+    got = target.run_from_layer(patched, k, mask, last)
+    want = target.logits_at(source.input_ids, mask, last)
+    ulps = 1e4 * torch.finfo(torch.float64).eps * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=ulps)
+    unpatched = target.logits_at(base.input_ids, mask, last)
     assert (unpatched - want).abs().max() > 1.0  # the entities really do change the prediction
 
 
@@ -117,6 +167,28 @@ def test_save_and_load_round_trip(target64, tmp_path):
     batch = make_batch(VOCAB)
     torch.testing.assert_close(model(batch).logits, loaded(batch).logits, rtol=0, atol=0)
     assert not list(tmp_path.glob("*target*"))
+
+
+def test_a_loaded_mask_select_runs_at_its_saved_temperature(target64, tmp_path):
+    """hyperdas eval and the DeepSpeed export load through from_pretrained: at the annealed τ, not at 50."""
+    model = _model(target64, subspace_module="MaskSelect")
+    model.set_progress(1.0)  # the end of training
+    model.save_pretrained(tmp_path)
+    loaded = HyperDAS.from_pretrained(tmp_path, target=target64).double()
+    assert loaded.subspace.temperature == model.subspace.temperature == pytest.approx(0.1, rel=1e-12)
+    batch = make_batch(VOCAB)
+    torch.testing.assert_close(loaded(batch).logits, model(batch).logits, rtol=0, atol=0)
+    model.set_progress(0.0)
+    assert (model(batch).logits - loaded(batch).logits).abs().max() > 1e-6  # τ changes what this model does
+
+
+def test_mask_select_temperature_anneals_linearly_from_50_to_0_1(target64):
+    config = HyperDASConfig()
+    assert (config.mask_temperature_start, config.mask_temperature_end) == (50.0, 0.1)  # METHOD.md
+    model = _model(target64, subspace_module="MaskSelect")
+    for fraction, tau in [(0.0, 50.0), (0.25, 37.525), (0.5, 25.05), (1.0, 0.1), (1.5, 0.1), (-1.0, 50.0)]:
+        model.set_progress(fraction)
+        assert model.subspace.temperature == pytest.approx(tau, rel=1e-12), fraction
 
 
 def test_loading_into_another_target_is_a_clear_error(target64, tmp_path):

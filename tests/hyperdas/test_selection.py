@@ -51,6 +51,28 @@ def test_bidding_argmax():
     assert torch.equal(got, one_hot_columns([1, 0, 3, 3]))
 
 
+def test_bidding_argmax_differs_from_column_argmax_where_a_source_bids_elsewhere():
+    # source 0 is the column max of both columns, but it bids only for its best base position (column 0);
+    # column 1 then goes to source 1's bid 0.40 over SELF 0.15, where column_argmax gives source 0 (0.45).
+    a = torch.tensor([[[0.50, 0.45], [0.10, 0.40], [0.40, 0.15]]])
+    both = torch.tensor([[True, True]])
+    column = apply_selection_mode(a, "column_argmax", both, both)
+    bidding = apply_selection_mode(a, "bidding_argmax", both, both)
+    want_column, want_bidding = torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)
+    want_column[0, 0, :] = 1.0
+    want_bidding[0, 0, 0] = want_bidding[0, 1, 1] = 1.0
+    assert torch.equal(column, want_column)
+    assert torch.equal(bidding, want_bidding)
+
+
+def test_bidding_argmax_ignores_bids_of_unselectable_sources():
+    a = torch.tensor([[[0.50, 0.45], [0.10, 0.40], [0.40, 0.15]]])
+    got = apply_selection_mode(a, "bidding_argmax", torch.tensor([[True, True]]), torch.tensor([[False, True]]))
+    want = torch.zeros(1, 3, 2)
+    want[0, 2, 0] = want[0, 1, 1] = 1.0  # column 0: source 0 may not bid, SELF 0.40 wins
+    assert torch.equal(got, want)
+
+
 def test_bidding_argmax_self_floor_wins_against_weak_bids():
     weak = torch.tensor([[[0.05, 0.0], [0.0, 0.06], [0.95, 0.94]]])  # Ts=2; SELF row high
     weak[0, 2] = torch.tensor([0.0, 0.0])  # SELF weight 0 is floored to 0.1, which beats both bids

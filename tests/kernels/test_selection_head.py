@@ -35,11 +35,12 @@ def make_inputs(B, Ts, Tb, H, hd, dtype=torch.float64, seed=0, device="cpu", p_m
     self_keys = torch.randn(B, Tb, H, hd, generator=gen, dtype=torch.float64)
     query = 2.0 * torch.randn(B, H, hd, generator=gen, dtype=torch.float64)
     positions = torch.randint(0, 3 * Tb + 5, (B, Tb), generator=gen)
+    query_positions = torch.randint(0, 2 * Tb + 3, (B,), generator=gen)  # the last instruction token's, per row
     inv_freq = 1.0 / (500.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     base_mask = torch.rand(B, Tb, generator=gen) >= p_mask
     source_mask = torch.rand(B, Ts, generator=gen) >= p_mask
     keys = [t.to(device=device, dtype=dtype).requires_grad_() for t in (base_keys, source_keys, self_keys, query)]
-    rest = [t.to(device) for t in (positions, inv_freq, base_mask, source_mask)]
+    rest = [t.to(device) for t in (positions, query_positions, inv_freq, base_mask, source_mask)]
     return keys + rest
 
 
@@ -99,8 +100,8 @@ def test_naive_by_hand():
     positions = torch.tensor([[0, 1]])
     inv_freq = torch.tensor([math.pi / 2], dtype=torch.float64)
     both = torch.tensor([[True, True]])
-    scores = selection_head_naive(base_keys, source_keys, self_keys, query, positions, inv_freq, both,
-                                  torch.tensor([[True]]))
+    scores = selection_head_naive(base_keys, source_keys, self_keys, query, positions, torch.tensor([0]), inv_freq,
+                                  both, torch.tensor([[True]]))
     # column 0: K = (1, 5) -> logit 1; SELF (0, 0) -> 0.  column 1: R(0, 5) = (-5, 0) -> -5; R(0, -2) = (2, 0) -> 2
     e = math.e
     expected = torch.tensor([[[e / (1 + e), math.exp(-5) / (math.exp(-5) + math.exp(2))],
@@ -110,8 +111,43 @@ def test_naive_by_hand():
     torch.testing.assert_close(rotated, torch.tensor([[[-5.0, 0.0]]], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def explicit_loop(base_keys, source_keys, self_keys, query, positions, inv_freq, base_mask, source_mask):
-    """The selection head with python loops and 2-D rotations of each RoPE pair (f, f + hd/2)."""
+def test_query_is_rotated_at_its_own_position_by_hand():
+    """q = (√2, 0) at query position 1 with inv_freq = π/2 is RoPE'd to (0, √2): it now reads the key's SECOND
+    coordinate. Key (1, 5) at base position 0: logit 5·√2/√2 = 5 (an unrotated query would give 1)."""
+    base_keys = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)  # (1, 1, 1, 2)
+    source_keys = torch.tensor([[[[0.0, 5.0]]]], dtype=torch.float64)
+    self_keys = torch.zeros(1, 1, 1, 2, dtype=torch.float64)
+    query = torch.tensor([[[math.sqrt(2.0), 0.0]]], dtype=torch.float64)
+    inv_freq = torch.tensor([math.pi / 2], dtype=torch.float64)
+    args = (base_keys, source_keys, self_keys, query, torch.tensor([[0]]), torch.tensor([1]), inv_freq,
+            torch.tensor([[True]]), torch.tensor([[True]]))
+    e5 = math.exp(5.0)
+    expected = torch.tensor([[[e5 / (1 + e5)], [1 / (1 + e5)]]], dtype=torch.float64)
+    for path in (selection_head_naive, selection_head_torch):
+        torch.testing.assert_close(path(*args), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["naive", "torch"])
+def test_logits_depend_on_base_minus_query_position_only(path):
+    """RoPE on both sides: shifting every base position and the query position by the same amount changes
+    nothing, and moving the query alone changes A (so the query really is rotated)."""
+    fn = {"naive": selection_head_naive, "torch": selection_head_torch}[path]
+    args = [t.detach() for t in make_inputs(2, 5, 7, 3, 8, seed=14)]
+    shifted = list(args)
+    shifted[4], shifted[5] = args[4] + 11, args[5] + 11
+    torch.testing.assert_close(fn(*shifted), fn(*args), rtol=1e-10, atol=1e-12)
+    moved = list(args)
+    moved[5] = args[5] + 3
+    assert (fn(*moved) - fn(*args)).abs().max() > 1e-3
+
+
+def explicit_loop(base_keys, source_keys, self_keys, query, positions, query_positions, inv_freq, base_mask,
+                  source_mask):
+    """The selection head with python loops and 2-D rotations of each RoPE pair (f, f + hd/2), q and K alike."""
+
+    def rotate(x1, x2, angle):
+        return x1 * math.cos(angle) - x2 * math.sin(angle), x2 * math.cos(angle) + x1 * math.sin(angle)
+
     B, Tb, H, hd = base_keys.shape
     Ts = source_keys.shape[1]
     half = hd // 2
@@ -124,11 +160,11 @@ def explicit_loop(base_keys, source_keys, self_keys, query, positions, inv_freq,
                 total = 0.0
                 for h in range(H):
                     for f in range(half):
-                        angle = float(positions[b, j]) * float(inv_freq[f])
-                        x1, x2 = float(key[h, f]), float(key[h, f + half])
-                        r1 = x1 * math.cos(angle) - x2 * math.sin(angle)
-                        r2 = x2 * math.cos(angle) + x1 * math.sin(angle)
-                        total += float(query[b, h, f]) * r1 + float(query[b, h, f + half]) * r2
+                        r1, r2 = rotate(float(key[h, f]), float(key[h, f + half]),
+                                        float(positions[b, j]) * float(inv_freq[f]))
+                        q1, q2 = rotate(float(query[b, h, f]), float(query[b, h, f + half]),
+                                        float(query_positions[b]) * float(inv_freq[f]))
+                        total += q1 * r1 + q2 * r2
                 selectable = i == Ts or (bool(source_mask[b, i]) and bool(base_mask[b, j]))
                 logits.append(total / H / math.sqrt(hd) if selectable else -math.inf)
             top = max(logits)
@@ -235,7 +271,7 @@ PATHS = {
 def test_masks_and_column_sums(path, poisoned):
     B, Ts, Tb = 2, 5, 7
     args = make_inputs(B, Ts, Tb, 3, 8, dtype=torch.float32, seed=8, p_mask=0.0)
-    base_mask, source_mask = args[6], args[7]
+    base_mask, source_mask = args[7], args[8]
     base_mask[0, 2] = False  # a fully masked base column
     base_mask[1, 6] = False
     source_mask[0, 1] = False  # a fully masked source row
@@ -254,8 +290,8 @@ def test_masks_and_column_sums(path, poisoned):
 def test_masked_entries_get_no_gradient_path(path, poisoned):
     """Masked source rows receive exactly zero gradient; a fully masked column gives its keys none."""
     args = make_inputs(1, 5, 7, 3, 8, dtype=torch.float32, seed=9, p_mask=0.0)
-    args[7][0, 3] = False
-    args[6][0, 4] = False
+    args[8][0, 3] = False
+    args[7][0, 4] = False
     weight = torch.randn(1, 6, 7)
     grads = torch.autograd.grad((PATHS[path](*args) * weight).sum(), args[:4])
     assert (grads[1][0, 3] == 0).all()
@@ -282,16 +318,23 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="source_keys"):
         selection_head_torch(*bad)
     bad = list(args)
-    bad[7] = args[7][:, :4]
+    bad[8] = args[8][:, :4]
     with pytest.raises(ValueError, match="source_mask"):
         selection_head_naive(*bad)
     bad = list(args)
-    bad[5] = args[5][:3]
+    bad[6] = args[6][:3]
     with pytest.raises(ValueError, match="inv_freq"):
         selection_head(*bad)
     bad = list(args)
-    bad[6] = args[6].long()
+    bad[7] = args[7].long()
     with pytest.raises(ValueError, match="base_mask must be a bool"):
+        selection_head(*bad)
+    bad = list(args)
+    bad[5] = args[5][:1]
+    with pytest.raises(ValueError, match="query_positions"):
+        selection_head(*bad)
+    bad[5] = args[5].float()
+    with pytest.raises(ValueError, match="query_positions must be an integer"):
         selection_head(*bad)
     with pytest.raises(ValueError, match="float64"):
         selection_head(*[t.double() if i < 4 else t for i, t in enumerate(args)], use_triton=True)

@@ -1,11 +1,13 @@
 """One training process for the DeepSpeed tests, on synthetic counterfactual pairs over a tiny target.
 
 Run under torchrun (``--engine deepspeed``, any number of processes) or as a plain single process
-(``--engine plain``): both train the same HyperDAS on the same global batches, so their losses and trained
-weights must agree. Writes ``losses.json`` (the global loss and gradient norm of every optimizer step),
+(``--engine plain``): both train the same HyperDAS on the same global batches, cut as the trainer cuts them
+(`step_batches`, then each process's contiguous slice in micro-batches, `process_slices`), so their losses and
+trained weights must agree. Writes ``losses.json`` (the global loss and gradient norm of every optimizer step),
 the exported editor (``export/``, the ``from_pretrained`` format), ``eval.pt`` (the trained model's outputs
 on fixed evaluation pairs, computed by every process), or with ``--grads`` only ``grads.pt`` (full gradients
-of one step with gradient checkpointing off and on).
+of the first global batch with gradient checkpointing off and on). ``--float64`` runs the plain engine in
+float64 throughout, the exact reference that float32 gradients are measured against.
 
     torchrun --nproc_per_node 2 tests/train/ds_worker.py --engine deepspeed --ds zero3.json --target DIR --out OUT
 """
@@ -13,17 +15,20 @@ of one step with gradient checkpointing off and on).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Dataset
 
 from hyperdas.config import HyperDASConfig
 from hyperdas.model import LossWeights
+from hyperdas.testing import llama_in_float64
 from hyperdas.train.config import OptimConfig, RunConfig
+from hyperdas.train.trainer import process_slices, step_batches
 
 TB, TS, TE, P = 9, 7, 5, 3  # base, source, instruction lengths; label tokens per example
 LOSS_WEIGHTS = LossWeights(causal=3.5, isolate=0.5, sparsity=0.5)
@@ -73,16 +78,14 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         intervention_layer=1,
         das_dimension=8,
         chop_editor_at_layer=2,
-        torch_dtype="float32",
+        torch_dtype="float64" if args.float64 else "float32",
         checkpoint_editor_layers=args.checkpointing,
         checkpoint_target_layers=args.checkpointing,
         use_fused_kernels=False,
     )
     return RunConfig(
         model=model,
-        # the paper's editor lr, pinned: Adam turns 1e-9 gradient differences on near-zero gradients into
-        # O(lr) weight differences, so the weight tolerances below are set for this lr, not the main job's
-        optim=OptimConfig(editor_lr=4e-5),
+        optim=OptimConfig(editor_lr=4e-5),  # the paper's editor lr
         global_batch_size=args.global_batch,
         micro_batch_size=args.micro_batch,
         precision="fp32",
@@ -91,14 +94,47 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def build_engine(run: RunConfig, engine_kind: str):
-    """(engine, world size, rank) for this process."""
+@contextlib.contextmanager
+def recording_gathers(sizes: list[int]) -> Iterator[None]:
+    """Record, for every ``deepspeed.zero.GatheredParameters`` opened meanwhile, how many parameter entries it
+    gathers at once (what loading a ZeRO-3 model makes one process hold in full)."""
+    import deepspeed
+
+    original = deepspeed.zero.GatheredParameters
+
+    class Recording(original):
+        def __init__(self, params, *args, **kwargs):
+            params = [params] if isinstance(params, torch.nn.Parameter) else list(params or [])
+            sizes.append(sum(getattr(p, "ds_numel", p.numel()) for p in params))
+            super().__init__(params, *args, **kwargs)
+
+    deepspeed.zero.GatheredParameters = Recording
+    try:
+        yield
+    finally:
+        deepspeed.zero.GatheredParameters = original
+
+
+def partition_report(model, gathers: list[int]) -> dict:
+    """What this process holds of the frozen target under ZeRO-3, after building it."""
+    params = list(model.target.parameters())
+    return {
+        "parameters": len(params),
+        "total": sum(p.ds_numel for p in params),
+        "held": sum(p.ds_tensor.numel() for p in params),
+        "gathered_now": [n for n, p in model.target.named_parameters() if p.ds_status.name != "NOT_AVAILABLE"],
+        "largest_gather_while_building": max(gathers, default=0),
+    }
+
+
+def build_engine(run: RunConfig, engine_kind: str, out: Path):
+    """(engine, world size, rank) for this process; under ZeRO-3 also writes partitions_rank<r>.json."""
     if engine_kind == "plain":
         from hyperdas.model import HyperDAS
         from hyperdas.targets import load_target
         from hyperdas.train.engine import PlainEngine
 
-        target = load_target(run.model.target, dtype=torch.float32)
+        target = load_target(run.model.target, dtype=getattr(torch, run.model.torch_dtype))
         torch.manual_seed(run.seed)
         return PlainEngine(HyperDAS(run.model, target), run, device=torch.device("cpu"))
     from hyperdas.train.deepspeed_engine import (
@@ -111,8 +147,14 @@ def build_engine(run: RunConfig, engine_kind: str):
 
     init_distributed()
     ds = resolve_ds_config(read_ds_config(run.deepspeed), run, dist.get_world_size(), "cpu")
-    model, keep_alive = build_model(run, ds, "cpu")
-    return DeepSpeedEngine(model, run, ds, keep_alive)
+    gathers: list[int] = []
+    with recording_gathers(gathers):
+        model, keep_alive = build_model(run, ds, "cpu")
+    engine = DeepSpeedEngine(model, run, ds, keep_alive)
+    if engine.stage == 3:
+        report = partition_report(engine.model, gathers)
+        (out / f"partitions_rank{engine.rank}.json").write_text(json.dumps(report))
+    return engine
 
 
 def global_mean(value: float, engine) -> float:
@@ -142,6 +184,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--grads", action="store_true", help="write grads.pt (checkpointing off, then on)")
+    parser.add_argument("--float64", action="store_true", help="plain engine in float64 throughout (a reference)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     return parser.parse_args()
 
@@ -153,36 +196,39 @@ def work(args: argparse.Namespace) -> None:
     torch.use_deterministic_algorithms(True)
 
     run = run_config(args)
-    engine = build_engine(run, args.engine)
+    engine = build_engine(run, args.engine, out)
     vocab = engine.model.target.config.vocab_size
     data = SyntheticPairs(4 * run.global_batch_size, vocab, seed=1)
-    sampler = DistributedSampler(data, num_replicas=engine.world_size, rank=engine.rank, shuffle=True, seed=0,
-                                 drop_last=True)
-    loader = DataLoader(data, batch_size=engine.micro_batch_size, sampler=sampler)
-    steps_per_epoch = len(loader) // engine.grad_accum_steps
+
+    def micro_batches(step: int) -> list[dict]:
+        """This process's micro-batches of global step ``step`` (0-based), in the trainer's order."""
+        epoch, within = divmod(step, len(data) // run.global_batch_size)
+        indices = step_batches(len(data), run.global_batch_size, run.seed, epoch)[within]
+        slices = process_slices(indices, engine.rank, engine.world_size, engine.micro_batch_size)
+        return [{k: torch.stack([data[i][k] for i in micro]) for k in data[0]} for micro in slices]
 
     if args.grads:
-        batch = next(iter(loader))
-        grads = {}
+        saved = {}
         engine.set_lr_scale(0.0)  # step() then only clears the gradients
         for flag in (False, True):
             engine.model.config.checkpoint_target_layers = flag
             engine.model.editor.gradient_checkpointing = flag
-            engine.backward(engine.forward(batch, loss_weights=LOSS_WEIGHTS).loss)
-            grads[flag] = full_grads(engine)
+            *firsts, last = micro_batches(0)
+            for batch in firsts:
+                engine.backward(engine.forward(batch, loss_weights=LOSS_WEIGHTS).loss)
+                engine.step()  # not an accumulation boundary yet: bookkeeping only
+            engine.backward(engine.forward(last, loss_weights=LOSS_WEIGHTS).loss)
+            saved["on" if flag else "off"] = full_grads(engine)  # the global batch's, reduced over processes
             engine.step()
         if engine.is_main:
-            torch.save({"off": grads[False], "on": grads[True]}, out / "grads.pt")
+            torch.save(saved, out / "grads.pt")
         return
 
     losses, norms = {}, {}
     for step in range(args.steps):
-        if step % steps_per_epoch == 0:
-            sampler.set_epoch(step // steps_per_epoch)
-            batches = iter(loader)
         total = 0.0
-        for _ in range(engine.grad_accum_steps):
-            output = engine.forward(next(batches), loss_weights=LOSS_WEIGHTS)
+        for batch in micro_batches(step):
+            output = engine.forward(batch, loss_weights=LOSS_WEIGHTS)
             engine.backward(output.loss)
             total += float(output.loss.detach()) / engine.grad_accum_steps
             norm = engine.step()
@@ -202,7 +248,11 @@ def work(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    work(parse_args())
+    args = parse_args()
+    if args.float64 and args.engine != "plain":
+        raise SystemExit("--float64 is for the plain engine (DeepSpeed's ZeRO reduces in at most float32)")
+    with llama_in_float64() if args.float64 else contextlib.nullcontext():
+        work(args)
     if dist.is_initialized():  # after `work` returned, so no engine is left holding a process group
         from hyperdas.train.deepspeed_engine import leave_distributed
 

@@ -13,10 +13,11 @@ from datasets import Dataset
 from hyperdas.data.collate import Collator
 from hyperdas.data.examples import make_examples
 from hyperdas.model import HyperDAS
+from hyperdas.subspace import MaskSelect
 from hyperdas.targets import build_random_target
 from hyperdas.testing import tiny_llama_config
 from hyperdas.train import trainer as trainer_module
-from hyperdas.train.config import RunConfig, load_run_config
+from hyperdas.train.config import LossConfig, OptimConfig, RunConfig, load_run_config
 from hyperdas.train.data_source import RunData
 from hyperdas.train.engine import PlainEngine
 from hyperdas.train.trainer import Trainer, process_slices, step_batches
@@ -164,7 +165,8 @@ def test_a_crash_loses_only_the_steps_since_the_last_checkpoint(tiny_run, tmp_pa
     torch.testing.assert_close(_losses(tmp_path / "crashed"), uninterrupted, rtol=1e-5, atol=1e-6)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_resume_matches(tiny_run, tmp_path, monkeypatch, signum):
     config, setup = tiny_run
     uninterrupted = _losses(_train_only(config, setup).out_dir)
 
@@ -175,8 +177,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_run, tmp_path, monkey
 
     def step_then_interrupt(self, indices):
         record = real_step(self, indices)
-        if self.state.step == 2:  # the 3rd step is running: Ctrl-C arrives during it
-            os.kill(os.getpid(), signal.SIGINT)
+        if self.state.step == 2:  # the 3rd step is running: Ctrl-C (or a scheduler's SIGTERM) arrives during it
+            os.kill(os.getpid(), signum)
         return record
 
     monkeypatch.setattr(Trainer, "_one_step", step_then_interrupt)
@@ -282,3 +284,72 @@ def test_ctrl_c_during_evaluation_says_where_the_model_is(tiny_run, monkeypatch,
     assert train_command.run(args) == 130
     err = capsys.readouterr().err
     assert "interrupted after training, during evaluation" in err and "hyperdas eval --checkpoint" in err
+
+
+def test_optimizer_and_loss_defaults_are_the_documented_ones():
+    """README's configuration table (the embedded default's editor lr; the rest as METHOD.md)."""
+    optim, loss = OptimConfig(), LossConfig()
+    assert (optim.editor_lr, optim.rotation_lr, optim.mask_lr) == (5e-4, 1e-3, 1e-2)
+    assert (optim.weight_decay, optim.grad_clip, optim.warmup_fraction) == (0.01, 4.0, 0.0)
+    assert (loss.causal_loss_weight, loss.iso_loss_weight) == (3.5, 0.5)
+    assert (loss.sparsity_weight_start, loss.sparsity_weight_end, loss.sparsity_warmup_fraction) == (0.15, 1.5, 0.5)
+
+
+def test_sparsity_weight_is_zero_for_half_the_steps_then_ramps_linearly(tiny_run):
+    loss = LossConfig()
+    for fraction, weight in [(0.0, 0.0), (0.49, 0.0), (0.5, 0.15), (0.75, 0.825), (1.0, 1.5)]:
+        assert loss.sparsity_weight(fraction) == pytest.approx(weight, rel=1e-12), fraction
+    config, setup = tiny_run
+    trainer = Trainer(config, setup)
+    trainer.prepare()
+    assert trainer.total_steps == 5
+    weights = [trainer.loss_weights(step) for step in range(5)]
+    assert [w.sparsity for w in weights] == pytest.approx([0.0, 0.0, 0.0, 0.15 + 1.35 / 5, 0.15 + 1.35 * 3 / 5])
+    assert all((w.causal, w.isolate) == (3.5, 0.5) for w in weights)
+
+
+def test_mask_select_anneals_over_the_steps_and_is_saved_at_the_end(tiny_run, monkeypatch, tmp_path):
+    """τ goes linearly from 50 at the first step to 0.1 at the last, and the export carries 0.1."""
+    config, setup = tiny_run
+    config.model.subspace_module = "MaskSelect"
+    seen = []
+    real_forward = MaskSelect.forward
+
+    def recording(self, encoding, basis):
+        seen.append(self.temperature)
+        return real_forward(self, encoding, basis)
+
+    monkeypatch.setattr(MaskSelect, "forward", recording)
+    trainer = _train_only(config, setup)
+    expected = [50.0 + (0.1 - 50.0) * step / 4 for step in range(5) for _micro in range(2)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    trainer.engine.export_trained(tmp_path / "export")
+    loaded = HyperDAS.from_pretrained(tmp_path / "export", target=trainer.engine.model.target)
+    assert loaded.subspace.temperature == pytest.approx(0.1, rel=1e-12)
+
+
+def test_the_engine_clips_the_gradient_norm_to_grad_clip(tiny_run, monkeypatch):
+    """The optimizer sees gradients of norm grad_clip (4.0) when they are larger; step() reports the norm before."""
+    config, setup = tiny_run
+    config.micro_batch_size = None  # one micro-batch per step
+    trainer = Trainer(config, setup)
+    trainer.prepare()
+    engine = trainer.engine
+    groups = {g["name"]: (g["lr"], g["weight_decay"]) for g in engine.optimizer.param_groups}
+    assert groups == {"editor": (1e-3, 0.01), "rotation": (1e-3, 0.0)}  # the run's editor lr; R without decay
+    seen = []
+
+    def recording_step(*args, **kwargs):
+        seen.append(float(torch.nn.utils.get_total_norm([p.grad for p in engine.params if p.grad is not None])))
+
+    monkeypatch.setattr(engine.optimizer, "step", recording_step)
+    batch = trainer.data.collate(trainer.data.train, list(range(4)))
+    for scale in (1e4, 1e-6):
+        out = engine.forward(batch)
+        engine.backward(out.loss * scale)
+        before = engine.step()
+        if before > 4.0:
+            assert seen[-1] == pytest.approx(4.0, rel=1e-5)
+        else:
+            assert seen[-1] == pytest.approx(before, rel=1e-6)
+    assert seen[0] == pytest.approx(4.0, rel=1e-5) and seen[1] < 4.0

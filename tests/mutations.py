@@ -1,0 +1,186 @@
+"""Mutation check: plant one-line bugs the suite must catch, run the tests meant to catch each, restore the file.
+
+    .venv/bin/python tests/mutations.py              # every mutation (about 10 minutes on 2 cores)
+    .venv/bin/python tests/mutations.py hinge bids   # only those whose name contains one of the words
+    .venv/bin/python tests/mutations.py --list
+
+Each mutation replaces one exact fragment of one source file (it must occur exactly once, so a mutation that no
+longer applies is reported, not silently skipped), runs its tests with ``pytest -x -q``, and puts the file back
+byte for byte, also on Ctrl-C or SIGTERM. A mutation is "caught" when its tests fail, "missed" when they pass.
+Prints one line per mutation and exits 1 if any is missed or no longer applies. Run it on a clean tree (it
+refuses files with uncommitted changes) and under flock /tmp/torch.lock on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug: in ``path`` replace ``old`` (found exactly once) by ``new``; ``tests`` must then fail."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MODEL_VS_ORACLE = "tests/hyperdas/test_model.py::test_two_pass_step_equals_literal_four_pass"
+
+MUTATIONS = (
+    Mutation("causal and isolate loss weights swapped", "hyperdas/model.py",
+             "torch.where(is_causal.bool(), weights.causal, weights.isolate)",
+             "torch.where(is_causal.bool(), weights.isolate, weights.causal)",
+             ("tests/hyperdas/test_losses.py", MODEL_VS_ORACLE)),
+    Mutation("the reference's discontinuous sparsity term instead of the hinge", "hyperdas/model.py",
+             "return F.relu(taken - 1.0).sum(dim=1).mean()",
+             "return torch.where(taken > 1.0, taken, 0.0).sum(dim=1).mean()",
+             ("tests/hyperdas/test_losses.py", MODEL_VS_ORACLE)),
+    Mutation("sparsity penalty counts the SELF row", "hyperdas/model.py",
+             "taken = selection[:, :-1].sum(dim=2)", "taken = selection.sum(dim=2)",
+             ("tests/hyperdas/test_losses.py", MODEL_VS_ORACLE)),
+    Mutation("padded label tokens counted in the per-example mean", "hyperdas/model.py",
+             "counts = (label_ids != IGNORE_INDEX).sum(dim=1).clamp_min(1)",
+             "counts = torch.full_like(label_ids[:, 0], label_ids.shape[1])",
+             ("tests/hyperdas/test_losses.py", MODEL_VS_ORACLE)),
+    Mutation("bidding_argmax without the bids", "hyperdas/selection.py",
+             "bids = bids * source_mask[:, :, None]", "bids = source_rows * source_mask[:, :, None]",
+             ("tests/hyperdas/test_selection.py", MODEL_VS_ORACLE)),
+    Mutation("global_argmax ignores the source mask", "hyperdas/selection.py",
+             "pair_ok = source_mask[:, :, None] & base_mask[:, None, :]",
+             "pair_ok = base_mask[:, None, :].expand(-1, ts, -1)",
+             ("tests/hyperdas/test_selection.py", MODEL_VS_ORACLE)),
+    Mutation("no L2 normalisation of the editor's keys", "hyperdas/editor.py",
+             "inv_norm = norm.to(torch.promote_types(norm.dtype, torch.float32)).clamp_min(1e-12).reciprocal()",
+             "inv_norm = torch.ones_like(norm, dtype=torch.promote_types(norm.dtype, torch.float32))",
+             ("tests/hyperdas/test_editor.py", MODEL_VS_ORACLE)),
+    Mutation("the editor's key positions without the layer index", "hyperdas/editor.py",
+             "positions = (token_positions[:, :, None] * n + layer_index).reshape(b, width * n)",
+             "positions = (token_positions[:, :, None] * n + 0 * layer_index).reshape(b, width * n)",
+             ("tests/hyperdas/test_editor.py", MODEL_VS_ORACLE)),
+    Mutation("the selection head's query not rotated (PyTorch path)", "kernels/selection_head.py",
+             "relative = base_positions - query_positions[:, None]", "relative = base_positions",
+             ("tests/kernels/test_selection_head.py", MODEL_VS_ORACLE)),
+    Mutation("the selection head's query not rotated (Triton kernels)", "kernels/selection_head.py",
+             "cos, sin = _rope_tables(base_positions - query_positions[:, None], inv_freq)",
+             "cos, sin = _rope_tables(base_positions, inv_freq)",
+             ("tests/kernels/test_selection_head.py",)),
+    Mutation("no re-orthonormalisation of R when it starts in float64", "hyperdas/subspace.py",
+             "q, r = torch.linalg.qr(at_least_fp32(self.weight))",
+             "q, r = (self.weight, torch.eye(self.weight.shape[1], dtype=self.weight.dtype)) "
+             "if self.weight.dtype == torch.float64 else torch.linalg.qr(at_least_fp32(self.weight))",
+             ("tests/hyperdas/test_subspace.py", MODEL_VS_ORACLE)),
+    Mutation("R rounded to the weights' dtype (bf16 under DeepSpeed)", "hyperdas/subspace.py",
+             "        return q * signs", "        return (q * signs).to(self.weight.dtype)",
+             ("tests/hyperdas/test_subspace.py",)),
+    Mutation("ReflectSelect's W rounded to the encoding's dtype", "hyperdas/subspace.py",
+             "return basis[None] - 2.0 * v[:, :, None] * vtr[:, None, :]  # (B, D, r)",
+             "return (basis[None] - 2.0 * v[:, :, None] * vtr[:, None, :]).to(encoding.dtype)",
+             ("tests/hyperdas/test_subspace.py",)),
+    Mutation("MaskSelect's temperature not saved", "hyperdas/subspace.py",
+             "def get_extra_state(self)", "def get_extra_state_unused(self)",
+             ("tests/hyperdas/test_subspace.py", "tests/hyperdas/test_model.py")),
+    Mutation("R trained at the editor's lr with decay", "hyperdas/model.py",
+             'if name.startswith("subspace.rotation."):', 'if name.startswith("subspace.rotations."):',
+             ("tests/hyperdas/test_model.py",)),
+    Mutation("MaskSelect's tau never annealed", "hyperdas/model.py",
+             "self.subspace.set_temperature(start + (end - start) * min(max(fraction, 0.0), 1.0))",
+             "self.subspace.set_temperature(start)",
+             ("tests/hyperdas/test_model.py",)),
+    Mutation("the schedule stops short of its end on the last step", "train/trainer.py",
+             "engine.model.set_progress(self.state.step / max(self.total_steps - 1, 1))",
+             "engine.model.set_progress(self.state.step / max(self.total_steps, 1))",
+             ("tests/train/test_trainer.py",)),
+    Mutation("sparsity weight on during the warm-up's last step", "train/config.py",
+             "if fraction < self.sparsity_warmup_fraction:", "if fraction < self.sparsity_warmup_fraction - 0.2:",
+             ("tests/train/test_trainer.py",)),
+    Mutation("no gradient clipping", "train/engine.py",
+             "norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip)",
+             "norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])",
+             ("tests/train/test_trainer.py",)),
+    Mutation("SIGTERM not turned into a checkpoint", "train/trainer.py",
+             "SIGNALS = (signal.SIGINT, signal.SIGTERM)", "SIGNALS = (signal.SIGINT,)",
+             ("tests/train/test_trainer.py",)),
+    Mutation("the interchange drops the SELF share", "kernels/interchange.py",
+             "mixed = torch.bmm(Af[:, :Ts].transpose(1, 2), Sf) + Af[:, Ts, :, None] * hf",
+             "mixed = torch.bmm(Af[:, :Ts].transpose(1, 2), Sf)",
+             ("tests/kernels/test_interchange.py", MODEL_VS_ORACLE)),
+    Mutation("DeepSpeed builds its shm op again (and waits on a stale lock)", "train/deepspeed_engine.py",
+             "deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False", "SHM_COMM_OP.upper()",
+             ("tests/train/test_deepspeed_launch.py::test_joining_builds_no_deepspeed_op_and_ignores_a_stale_build_lock",)),
+)
+
+
+class _Stop(Exception):
+    """SIGTERM arrived: restore the file and stop."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop
+
+
+def dirty(paths: set[str]) -> list[str]:
+    """Those of ``paths`` with uncommitted changes (a mutation must restore exactly what git has)."""
+    out = subprocess.run(["git", "status", "--porcelain", "--", *sorted(paths)], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    return [line[3:] for line in out.splitlines()]
+
+
+def run_one(mutation: Mutation) -> str:
+    """'caught', 'missed' or 'does not apply' (the fragment is no longer in the file exactly once)."""
+    path = REPO / mutation.path
+    original = path.read_bytes()
+    text = original.decode()
+    if text.count(mutation.old) != 1:
+        return "does not apply"
+    try:
+        path.write_text(text.replace(mutation.old, mutation.new))
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                 *mutation.tests], cwd=REPO, capture_output=True, text=True)
+    finally:
+        path.write_bytes(original)
+    return "missed" if result.returncode == 0 else "caught"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("words", nargs="*", help="run only mutations whose name contains one of these")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.words or any(w.lower() in m.name.lower() for w in args.words)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\n    {m.path}; tests: {' '.join(m.tests)}")
+        return 0
+    changed = dirty({m.path for m in chosen})
+    if changed:
+        print(f"refusing to mutate files with uncommitted changes: {changed}; commit or stash them first")
+        return 2
+    signal.signal(signal.SIGTERM, _raise_stop)
+    outcomes = []
+    try:
+        for m in chosen:
+            started = time.perf_counter()
+            outcome = run_one(m)
+            outcomes.append(outcome)
+            print(f"{outcome:15s} {time.perf_counter() - started:6.1f} s  {m.name}  ({m.path})", flush=True)
+    except (KeyboardInterrupt, _Stop):
+        print("interrupted; the file being mutated was restored")
+        return 130
+    caught = outcomes.count("caught")
+    print(f"{caught} of {len(outcomes)} caught")
+    return 0 if caught == len(outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
