@@ -89,26 +89,30 @@ def step_macs(config, shape: StepShape) -> dict[str, dict[str, float]]:
     Tg = T - 1
     grad_pass = B * after_k * Tg * (2 * projections + 3 * 2 * Tg * H * hd)
 
+    def editor_macs(key_tokens: float) -> float:
+        states = key_tokens * (n_layers + 1)  # key tokens of one run for the editor's cross-attention
+        instruction_side = Te * (projections + 2 * Te * H * hd) + 2 * Te * 2 * H * hd * D  # self-attn, MLP, q/o
+        state_projections = 2 * states * 2 * D * Hkv * hd  # keys and values of both runs' states
+        cross_scores = 2 * Te * 2 * states * H * hd
+        # backward: inputs and weights on the instruction side (2x) and in attention (dQ, dK, dV, dP: 2x); the
+        # states take no gradient, so their projections need only the weight gradient (1x)
+        return B * L * (3 * instruction_side + 2 * state_projections + 3 * cross_scores)
+
+    # two-pass: the selectable tokens' states only; literal: all T·N, the others masked
     W = T if shape.selectable_tokens is None else shape.selectable_tokens
-    states = W * (n_layers + 1)  # key tokens of one run for the editor's cross-attention (selectable tokens only)
-    instruction_side = Te * (projections + 2 * Te * H * hd) + 2 * Te * 2 * H * hd * D  # self-attn, MLP, cross q/o
-    state_projections = 2 * states * 2 * D * Hkv * hd  # keys and values of both runs' states
-    cross_scores = 2 * Te * 2 * states * H * hd
-    # backward: inputs and weights on the instruction side (2x) and in attention (dQ, dK, dV, dP: 2x); the states
-    # take no gradient, so their projections need only the weight gradient (1x)
-    editor = B * L * (3 * instruction_side + 2 * state_projections + 3 * cross_scores)
     # selection head, D x D projections W1, W2, W_k, W_q, trained: weight gradients for every projected token,
     # input gradients except where the input is a (no-grad) state. Two-pass: per token, W1 b̂, W2 ŝ, W_k b̂ and
     # W_k on W1 b̂ and W2 ŝ (input grads for the last two) and W_q e: (5T + 1) + (5T + 1) + (2T + 1) token-D².
-    # Literal: W_k on every (source, base) pair (B, Ts, Tb, D): (3T + T² + 1) + (3T + T² + 1) + (T² + 1).
+    # Literal: [b̂ ; ŝ] (B, Ts, Tb, 2D) through W_c = [W1 W2] (weight gradient only, 4T²), W_k on every pair and
+    # the SELF row (B, Ts+1, Tb, D) with input and weight gradients (3T² + 3T), W_q e (3): (7T² + 3T + 3) D².
     scores = 3 * B * (T + 1) * T * D  # q · keys per head over Ts + 1 rows, and its two gradients
     selection_two = B * (12 * T + 3) * D * D + scores
-    selection_four = B * (3 * T * T + 6 * T + 3) * D * D + scores
+    selection_four = B * (7 * T * T + 3 * T + 3) * D * D + scores
     two = {
         "no-grad pass (base+source)": layers_fwd(2 * B, n_layers),
         "grad pass k..end (T - 1 columns), fwd+bwd": grad_pass,
         "LM head (label positions), fwd+bwd": 2 * B * P * D * V,
-        "editor, fwd+bwd": editor,
+        "editor (selectable tokens' keys), fwd+bwd": editor_macs(W),
         "selection head (per token), fwd+bwd": selection_two,
         "interchange Aᵀ S and W, fwd+bwd": 3 * B * (T * T * D + 2 * T * D * r),
     }
@@ -117,9 +121,10 @@ def step_macs(config, shape: StepShape) -> dict[str, dict[str, float]]:
         "3 LM heads (every token)": 3 * B * T * D * V,
         "patched pass 0..end fwd, k..end bwd": layers_fwd(B, n_layers) + layers_bwd(B, after_k),
         "its LM head (every token), fwd+bwd": 2 * B * T * D * V,
-        "editor, fwd+bwd": editor,
+        "editor (all T·N keys), fwd+bwd": editor_macs(T),
         "selection head (per pair), fwd+bwd": selection_four,
-        "projector W Wᵀ (B, D, D), built and applied, fwd+bwd": 3 * B * (D * D * r + T * D * D),
+        # the Householder matrices (B, D, D) times R, then W Wᵀ built and applied
+        "Householder H R, projector W Wᵀ (B, D, D), fwd+bwd": 3 * B * (2 * D * D * r + T * D * D),
     }
     return {"two_pass": two, "four_pass": four}
 
@@ -132,11 +137,12 @@ def report(cases: dict[str, tuple[str, StepShape]]) -> list[dict]:
         config = target_config(model)
         macs = step_macs(config, shape)
         two, four = sum(macs["two_pass"].values()), sum(macs["four_pass"].values())
-        editor = macs["two_pass"]["editor, fwd+bwd"]
+        editor_two = next(v for k, v in macs["two_pass"].items() if k.startswith("editor"))
+        editor_four = next(v for k, v in macs["four_pass"].items() if k.startswith("editor"))
         rows.append({
             "case": name, "model": model, "shape": asdict(shape), "macs": macs,
             "two_pass_gmacs": two / 1e9, "four_pass_gmacs": four / 1e9, "ratio": four / two,
-            "ratio_without_editor": (four - editor) / (two - editor),
+            "ratio_without_editor": (four - editor_four) / (two - editor_two),
         })
     return rows
 
