@@ -167,6 +167,11 @@ class HyperDASConfig:
     #: MaskSelect's sigmoid temperature, annealed linearly from start to end over training.
     mask_temperature_start: float = 50.0
     mask_temperature_end: float = 0.1
+    #: τ of the selection softmax over the source axis (A = softmax(logits / τ)), annealed linearly from start
+    #: to end over training: an end below 1 hardens A toward one-hot columns, so the hard inference modes see
+    #: the selection the model was trained with. 1 -> 1 is the paper's (no annealing).
+    selection_temperature_start: float = 1.0
+    selection_temperature_end: float = 1.0
     #: fused Triton kernels: None = on CUDA only, True = always (CUDA required), False = plain PyTorch.
     use_fused_kernels: bool | None = None
     #: recompute each editor layer in backward instead of storing its activations (non-reentrant).
@@ -223,6 +228,11 @@ class HyperDASConfig:
             raise ValueError(
                 f"mask temperatures must satisfy 0 < end <= start, got start {self.mask_temperature_start}, "
                 f"end {self.mask_temperature_end}"
+            )
+        if not 0 < self.selection_temperature_end <= self.selection_temperature_start:
+            raise ValueError(
+                f"selection temperatures must satisfy 0 < end <= start, got start "
+                f"{self.selection_temperature_start}, end {self.selection_temperature_end}"
             )
         if num_layers is not None:
             if not 0 <= self.intervention_layer <= num_layers - 1:

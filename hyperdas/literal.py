@@ -177,6 +177,7 @@ def _soft_selection(model: HyperDAS, encoding, h, s, batch) -> torch.Tensor:
     query_position = _real_positions(batch["instruction_attention_mask"])[:, -1:]  # (B, 1)
     query = _rope(query, query_position, inv_freq)[:, :, 0]  # (B, H, hd)
     logits = _wide(torch.einsum("bhd,bhijd->bij", query, keys)) / (heads * math.sqrt(hd))
+    logits = logits / model.selection_temperature  # the annealed selection temperature τ
     allowed = torch.ones_like(logits, dtype=torch.bool)
     allowed[:, :ts] = batch["source_intervention_mask"].bool()[:, :, None] & batch["base_intervention_mask"].bool()[
         :, None, :

@@ -25,7 +25,7 @@ from torch import nn
 from hyperdas.config import HyperDASConfig
 from hyperdas.editor import Editor, RunKeys
 from hyperdas.kernels.interchange import interchange
-from hyperdas.selection import SelectionHead, apply_selection_mode
+from hyperdas.selection import SelectionHead, apply_selection_mode, sharpen
 from hyperdas.subspace import MaskSelect, build_subspace
 from hyperdas.targets import FrozenTarget, load_target, position_ids_from_mask, precision_context
 
@@ -162,6 +162,8 @@ class HyperDAS(nn.Module):
         self.editor.backend = {None: None, True: "triton", False: "sdpa"}[config.use_fused_kernels]
         self.selection_head = SelectionHead(d, heads)
         self.subspace = build_subspace(config.subspace_module, d, config.das_dimension, config.mask_temperature_start)
+        # training anneals it from the start value (set_progress); a built or loaded model selects at the end one
+        self.selection_temperature = config.selection_temperature_end
         # fp32 master weights for everything trained, whatever the target's dtype (float64 stays, for tests)
         trained_dtype = torch.float64 if target.dtype == torch.float64 else torch.float32
         for part in (self.editor, self.selection_head, self.subspace):
@@ -190,10 +192,14 @@ class HyperDAS(nn.Module):
         return [g for g in groups if g["params"]]
 
     def set_progress(self, fraction: float) -> None:
-        """Anneal what depends on training progress (MaskSelect's temperature), fraction in [0, 1]."""
+        """Anneal what depends on training progress (the selection's and MaskSelect's temperatures), fraction
+        in [0, 1]."""
+        fraction = min(max(fraction, 0.0), 1.0)
+        start, end = self.config.selection_temperature_start, self.config.selection_temperature_end
+        self.selection_temperature = start + (end - start) * fraction
         if isinstance(self.subspace, MaskSelect):
             start, end = self.config.mask_temperature_start, self.config.mask_temperature_end
-            self.subspace.set_temperature(start + (end - start) * min(max(fraction, 0.0), 1.0))
+            self.subspace.set_temperature(start + (end - start) * fraction)
 
     def _use_triton(self, device: torch.device) -> bool | None:
         """The kernels' switch: None lets each op pick (Triton on CUDA), True/False force it."""
@@ -291,6 +297,7 @@ class HyperDAS(nn.Module):
             source_mask,
             use_triton=use_triton,
         )
+        soft = sharpen(soft, self.selection_temperature)  # (B, Ts+1, Tb)
         rotation = self.subspace.rotation() if self.subspace.rotation is not None else None  # once per step
         basis = self.subspace(encoding, rotation)
         return Encoded(h, s, encoding, soft, basis, base_mask, source_mask)

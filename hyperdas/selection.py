@@ -80,6 +80,19 @@ class SelectionHead(nn.Module):
         )
 
 
+def sharpen(weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / τ) from A = softmax(logits), columns over the source axis: A^(1/τ) / Σ_i A^(1/τ).
+
+    weights: (B, Ts+1, Tb), columns summing to 1 -> the same shape. Exact in the logits (the softmax's
+    normaliser cancels), computed as a log-softmax of log A / τ; zero (masked) entries stay zero.
+    """
+    if temperature == 1.0:
+        return weights
+    zero = weights <= 0
+    log_a = torch.log(weights.clamp_min(torch.finfo(weights.dtype).tiny)).masked_fill(zero, float("-inf"))
+    return torch.softmax(log_a / temperature, dim=1)
+
+
 def apply_selection_mode(
     weights: torch.Tensor,
     mode: str,

@@ -270,3 +270,32 @@ def test_the_editor_ablations_read_what_they_say(target64):
     assert sum(p.numel() for _, p in symmetric.trainable_named_parameters()) == count - 2 * one_block
     with pytest.raises(ValueError, match="editor_symmetric reads both runs"):
         HyperDASConfig(editor_reads="source", editor_symmetric=True).validate()
+
+
+@pytest.mark.parametrize("mode", ["soft", "column_argmax"])
+def test_an_annealed_selection_temperature_matches_the_literal_softmax_of_logits_over_tau(target64, mode,
+                                                                                        llama_in_float64):
+    """The two-pass step sharpens A = softmax(z) to A^(1/τ) / Σ A^(1/τ); the literal path divides its logits z by
+    τ before its own softmax. Halfway through an anneal 1 -> 0.25, τ = 0.625."""
+    model = _model(target64, selection_temperature_start=1.0, selection_temperature_end=0.25)
+    assert model.selection_temperature == 0.25  # a built (or loaded) model selects at the end temperature
+    model.set_progress(0.5)
+    assert model.selection_temperature == pytest.approx(0.625, rel=1e-12)
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
+    weights = LossWeights(sparsity=0.7)
+    out = model(batch, mode=mode, loss_weights=weights)
+    loss, logits = literal_four_pass_forward(model, batch, mode=mode, loss_weights=weights)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
+    out.loss.backward()
+    fast = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    slow = _grads(model)
+    assert fast.keys() == slow.keys() and fast
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-11, msg=name)
+    plain = _model(target64)
+    plain_out = plain(batch, mode="soft")
+    sharp = model(batch, mode="soft")
+    assert not torch.allclose(plain_out.selection, sharp.selection)  # τ is really applied

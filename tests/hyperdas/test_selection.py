@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperdas.selection import apply_selection_mode
+from hyperdas.selection import apply_selection_mode, sharpen
 
 # rows: source 0, 1, 2, SELF; columns: base 0..3. Every column sums to 1.
 A = torch.tensor(
@@ -112,3 +112,26 @@ def test_hard_modes_give_one_hot_columns(mode):
     got = apply_selection_mode(soft, mode, torch.ones(2, 7, dtype=torch.bool), torch.ones(2, 5, dtype=torch.bool))
     assert torch.equal(got.sum(dim=1), torch.ones(2, 7))
     assert set(got.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 0.13, 2.0])
+def test_sharpen_is_the_softmax_of_the_logits_over_tau(temperature):
+    """softmax(z / τ) computed directly from logits with masked (-inf) entries, against sharpen(softmax(z), τ)."""
+    torch.manual_seed(3)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64) * 3
+    logits[0, 1, 2] = logits[1, :4, 6] = float("-inf")  # masked source tokens, one column with SELF only
+    logits.requires_grad_(True)
+    expected = torch.softmax(logits / temperature, dim=1)
+    got = sharpen(torch.softmax(logits, dim=1), temperature)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+    assert float(got[0, 1, 2]) == 0.0 and torch.equal(got[1, 4, 6], torch.tensor(1.0, dtype=torch.float64))
+    upstream = torch.randn_like(expected)
+    (grad_expected,) = torch.autograd.grad((expected * upstream).sum(), logits)
+    (grad_got,) = torch.autograd.grad((got * upstream).sum(), logits)
+    assert torch.isfinite(grad_got).all()
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_low_temperature_makes_soft_columns_their_argmax():
+    hard = apply_selection_mode(A, "column_argmax", ALL_BASE, ALL_SOURCE)
+    torch.testing.assert_close(sharpen(A, 0.01), hard, atol=1e-6, rtol=0)
