@@ -10,7 +10,7 @@
     # check the model against a measurement on the tiny random Llama on CPU
     python bench/memory_model.py --measure
 
-Model states come from `hyperdas.train.deepspeed_engine.model_state_bytes` (the same formula that refuses a
+Model states come from `hyperdas.train.memory_fit.model_state_bytes` (the same formula that refuses a
 model too large for its ZeRO stage), with exact parameter counts from the model built on the meta device.
 Activations are counted from what the two-pass step keeps for backward (hyperdas/model.py):
 
@@ -101,7 +101,7 @@ def target_config(model: str):
 def parameter_counts(model: str, step: Step):
     """Exact parameter counts of HyperDAS on ``model`` with this step's L and r (built on the meta device)."""
     from hyperdas.config import HyperDASConfig
-    from hyperdas.train.deepspeed_engine import count_parameters
+    from hyperdas.train.memory_fit import count_parameters
 
     config = HyperDASConfig(target=model, intervention_layer=step.intervention_layer, das_dimension=step.rank,
                             chop_editor_at_layer=step.editor_layers)
@@ -120,7 +120,7 @@ def _ds_config(step: Step) -> dict:
 
 def state_bytes(counts, step: Step) -> dict[str, int]:
     """Model states per device: weights, gradients, optimizer state (and ZeRO-3's gathered working set)."""
-    from hyperdas.train.deepspeed_engine import model_state_bytes
+    from hyperdas.train.memory_fit import model_state_bytes
 
     if step.engine == "deepspeed":
         return model_state_bytes(counts, _ds_config(step), step.devices, 2 if step.bf16 else 4)
@@ -312,7 +312,7 @@ def check_against_tiny(steps: list[Step]) -> list[dict]:
 
 
 def random_target(config) -> Callable:
-    """A ``make_target`` for ``hyperdas.train.deepspeed_engine.build_model``: random weights from ``config``
+    """A ``make_target`` for ``hyperdas.train.zero3_build.build_model``: random weights from ``config``
     (under ZeRO-3 created partitioned, as a loaded target is)."""
     from hyperdas.targets import build_random_target
 
@@ -350,16 +350,12 @@ def measure_states() -> dict:
 
     from hyperdas.config import HyperDASConfig
     from hyperdas.train.config import RunConfig
-    from hyperdas.train.deepspeed_engine import (
-        DeepSpeedEngine,
-        build_model,
-        count_parameters,
-        init_distributed,
-        leave_distributed,
-        model_state_bytes,
-        resolve_ds_config,
-    )
+    from hyperdas.train.deepspeed_engine import DeepSpeedEngine
+    from hyperdas.train.distributed import init_distributed, leave_distributed
+    from hyperdas.train.ds_config import resolve_ds_config
     from hyperdas.train.launch import single_process_environment
+    from hyperdas.train.memory_fit import count_parameters, model_state_bytes
+    from hyperdas.train.zero3_build import build_model
 
     single_process_environment()
     init_distributed()

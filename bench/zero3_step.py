@@ -59,16 +59,12 @@ def run(config_name: str, smoke: bool, steps: int) -> dict:
 
     from hyperdas.config import HyperDASConfig
     from hyperdas.train.config import RunConfig
-    from hyperdas.train.deepspeed_engine import (
-        DeepSpeedEngine,
-        build_model,
-        init_distributed,
-        leave_distributed,
-        model_state_bytes,
-        read_ds_config,
-        resolve_ds_config,
-    )
+    from hyperdas.train.deepspeed_engine import DeepSpeedEngine
+    from hyperdas.train.distributed import init_distributed, leave_distributed
+    from hyperdas.train.ds_config import read_ds_config, resolve_ds_config
     from hyperdas.train.launch import single_process_environment
+    from hyperdas.train.memory_fit import model_state_bytes
+    from hyperdas.train.zero3_build import build_model
 
     cuda = torch.cuda.is_available()
     preset, shape = step_case(smoke)

@@ -15,6 +15,7 @@ import torch
 
 from hyperdas.model import BatchEvaluation, HyperDAS, HyperDASOutput, LossWeights
 from hyperdas.train.config import RunConfig
+from hyperdas.train.optimizer import make_optimizer, set_lr_scale
 
 ENGINE_STATE_FILE = "engine_state.pt"
 
@@ -95,12 +96,8 @@ class PlainEngine:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_plan(
             config.global_batch_size, 1, config.micro_batch_size
         )
-        opt = config.optim
-        groups = model.param_groups(opt.editor_lr, opt.rotation_lr, opt.mask_lr, opt.weight_decay)
-        for group in groups:
-            group["base_lr"] = group["lr"]
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
-        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = make_optimizer(model, config.optim)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.autocast_dtype = self._autocast_dtype(config.precision)
         self._micro_steps = 0
 
@@ -137,8 +134,7 @@ class PlainEngine:
         return float(norm)
 
     def set_lr_scale(self, scale: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * scale
+        set_lr_scale(self.optimizer, scale)
 
     def save(self, folder: Path, client_state: dict) -> None:
         folder = Path(folder)

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from hyperdas.train.config import load_run_config
-    from hyperdas.train.deepspeed_engine import DeepSpeedSetup, leave_distributed
+    from hyperdas.train.deepspeed_engine import DeepSpeedSetup
+    from hyperdas.train.distributed import leave_distributed
     from hyperdas.train.trainer import Trainer
 
     config = load_run_config(args.config, args.overrides)

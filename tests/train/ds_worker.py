@@ -137,13 +137,10 @@ def build_engine(run: RunConfig, engine_kind: str, out: Path):
         target = load_target(run.model.target, dtype=getattr(torch, run.model.torch_dtype))
         torch.manual_seed(run.seed)
         return PlainEngine(HyperDAS(run.model, target), run, device=torch.device("cpu"))
-    from hyperdas.train.deepspeed_engine import (
-        DeepSpeedEngine,
-        build_model,
-        init_distributed,
-        read_ds_config,
-        resolve_ds_config,
-    )
+    from hyperdas.train.deepspeed_engine import DeepSpeedEngine
+    from hyperdas.train.distributed import init_distributed
+    from hyperdas.train.ds_config import read_ds_config, resolve_ds_config
+    from hyperdas.train.zero3_build import build_model
 
     init_distributed()
     ds = resolve_ds_config(read_ds_config(run.deepspeed), run, dist.get_world_size(), "cpu")
@@ -254,7 +251,7 @@ def main() -> None:
     with llama_in_float64() if args.float64 else contextlib.nullcontext():
         work(args)
     if dist.is_initialized():  # after `work` returned, so no engine is left holding a process group
-        from hyperdas.train.deepspeed_engine import leave_distributed
+        from hyperdas.train.distributed import leave_distributed
 
         leave_distributed()
 

@@ -11,15 +11,9 @@ pytest.importorskip("deepspeed")
 
 from hyperdas.config import HyperDASConfig  # noqa: E402
 from hyperdas.train.config import RunConfig  # noqa: E402
-from hyperdas.train.deepspeed_engine import (  # noqa: E402
-    DeepSpeedConfigError,
-    ParameterCounts,
-    check_model_fits,
-    model_state_bytes,
-    read_ds_config,
-    resolve_ds_config,
-)
+from hyperdas.train.ds_config import DeepSpeedConfigError, read_ds_config, resolve_ds_config  # noqa: E402
 from hyperdas.train.launch import check_hostfile  # noqa: E402
+from hyperdas.train.memory_fit import ParameterCounts, check_model_fits, model_state_bytes  # noqa: E402
 
 CONFIGS = Path(__file__).parents[2] / "train" / "configs"
 SHIPPED = ["zero3.json", "zero3_offload.json", "zero2.json", "ddp.json"]
@@ -127,7 +121,7 @@ def test_model_state_bytes_by_hand():
 def test_count_parameters_on_the_meta_device():
     from transformers import LlamaConfig
 
-    from hyperdas.train.deepspeed_engine import count_parameters
+    from hyperdas.train.memory_fit import count_parameters
 
     llama3 = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)

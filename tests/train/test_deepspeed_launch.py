@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hyperdas.train.deepspeed_engine import SHM_COMM_OP
+from hyperdas.train.distributed import SHM_COMM_OP
 from hyperdas.train.launch import free_local_port
 
 pytest.importorskip("deepspeed")
@@ -233,7 +233,7 @@ LEAVE_SCRIPT = """
 import json
 import torch.distributed as dist
 from deepspeed.utils import groups
-from hyperdas.train.deepspeed_engine import init_distributed, leave_distributed
+from hyperdas.train.distributed import init_distributed, leave_distributed
 
 init_distributed()
 groups._clone_world_group()  # what ZeRO does for its data-parallel group
@@ -257,7 +257,7 @@ def test_leaving_drops_deepspeeds_group_references(setup):
 
 
 JOIN_SCRIPT = """
-from hyperdas.train.deepspeed_engine import init_distributed, leave_distributed
+from hyperdas.train.distributed import init_distributed, leave_distributed
 
 init_distributed()
 leave_distributed()
