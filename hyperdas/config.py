@@ -110,6 +110,12 @@ def check_type(value, hint, name: str):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if str in options and not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {value!r}")
+    for option in options:
+        if typing.get_origin(option) is list:
+            (item,) = typing.get_args(option)
+            if not isinstance(value, (list, tuple)) or isinstance(value, str):
+                raise ValueError(f"{name} must be a list, got {value!r}")
+            return [check_type(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -172,6 +178,9 @@ class HyperDASConfig:
     #: the selection the model was trained with. 1 -> 1 is the paper's (no annealing).
     selection_temperature_start: float = 1.0
     selection_temperature_end: float = 1.0
+    #: the attributes the model was trained to localise (set by the trainer from its training data): a batch
+    #: whose instruction names another is refused, not answered by a guess. None: not recorded.
+    trained_attributes: list[str] | None = None
     #: fused Triton kernels: None = on CUDA only, True = always (CUDA required), False = plain PyTorch.
     use_fused_kernels: bool | None = None
     #: recompute each editor layer in backward instead of storing its activations (non-reentrant).

@@ -141,9 +141,13 @@ class HyperDAS(nn.Module):
     Args:
         config: the model configuration.
         target: the frozen target; loaded from ``config.target`` when None.
+        editor_source: what the editor's first L layers are copied from, when not ``target`` itself (under
+            ZeRO-3, plain gathered copies of the partitioned target's layers; see hyperdas.train.zero3_build).
     """
 
-    def __init__(self, config: HyperDASConfig, target: FrozenTarget | None = None):
+    def __init__(
+        self, config: HyperDASConfig, target: FrozenTarget | None = None, editor_source: FrozenTarget | None = None
+    ):
         super().__init__()
         config.validate()
         if target is None:
@@ -154,7 +158,8 @@ class HyperDAS(nn.Module):
         d = target.hidden_size
         heads = config.num_editing_heads or target.config.num_attention_heads
         self.editor = Editor(
-            target, config.chop_editor_at_layer, config.initialize_from_scratch, not config.freeze_editor_embeddings,
+            target if editor_source is None else editor_source, config.chop_editor_at_layer,
+            config.initialize_from_scratch, not config.freeze_editor_embeddings,
             reads_source=config.editor_reads != "base", reads_base=config.editor_reads != "source",
             symmetric=config.editor_symmetric,
         )
@@ -265,8 +270,21 @@ class HyperDAS(nn.Module):
         """Autocast to a bf16/fp16 target's dtype (trained parts stay fp32), unless autocast is already on."""
         return precision_context(self.target.dtype, device)
 
+    def check_attributes(self, attributes) -> None:
+        """Refuse attributes the model was not trained on (``config.trained_attributes``; None: no record)."""
+        known = self.config.trained_attributes
+        unseen = sorted(set(attributes) - set(known)) if known is not None else []
+        if unseen:
+            raise ValueError(
+                f"this model was trained to localise {', '.join(known)}; the batch asks for {', '.join(unseen)}, "
+                "which its editor never saw in an instruction (it would answer with a guess). Evaluate it on its "
+                "own attributes, or train one that includes these"
+            )
+
     def encode(self, batch: dict, states: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded:
         """Everything of a step that does not depend on the selection mode: states, encoding, soft A, basis W."""
+        if "attribute" in batch:
+            self.check_attributes(batch["attribute"])
         k = self.config.intervention_layer
         base_states, source_states = states if states is not None else self.target_states(batch)
         if base_states.shape[2] != self.target.num_states or source_states.shape[2] != self.target.num_states:

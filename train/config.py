@@ -140,8 +140,9 @@ class RunConfig:
     resume: str | None = None
     #: a DeepSpeed JSON config (a path, or a file name in train/configs/); None = single-process PyTorch.
     deepspeed: str | None = None
-    #: batches of similar lengths (one example per data shard still; see trainer.step_batches): less padding.
-    group_by_length: bool = True
+    #: batches of similar lengths (one example per data shard still; see trainer.step_batches): less padding,
+    #: but batches of one length band; off by default, as the main job scored lower with it (README).
+    group_by_length: bool = False
     #: the frozen target's states of the train prompts, computed once and reused every epoch: "auto" (memory,
     #: else disk, else off, by size), "memory", "disk" or "off" (the target runs every step).
     state_cache: StateCacheMode = StateCacheMode.auto

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperdas.cache import cache_root
-from hyperdas.data.build import build_dataset, dataset_folder
+from hyperdas.data.build import REPORT_FILE, build_dataset, dataset_folder, format_report, load_report
 from hyperdas.data.collate import Collator
 from hyperdas.state_cache import StateCache, plan_storage, real_rows
 from hyperdas.targets import FrozenTarget
@@ -74,6 +74,8 @@ def load_run_data(config: RunConfig, target: FrozenTarget, setup) -> RunData:
             shutil.rmtree(scratch, ignore_errors=True)
         setup.barrier()
         dataset = build_dataset(request, target, batch_size=batch)
+    if setup.is_main and (folder / REPORT_FILE).is_file():  # what the data is, built now or cached
+        print(f"hyperdas train: data {folder}\n{format_report(load_report(folder))}", flush=True)
     return RunData(dataset["train"], dataset["test"], Collator(target.tokenizer), folder)
 
 

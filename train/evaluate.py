@@ -118,7 +118,8 @@ def evaluate(
         modes: selection modes to evaluate.
         batch_size: examples per forward.
         max_examples: evaluate this many test examples, spread over attributes and kinds (None: all).
-        heatmap_examples: how many test pairs' soft selections to keep for the heatmap (spread likewise).
+        heatmap_examples: how many test pairs' soft selections to picture: both kinds, half the pairs whose moved
+            mass lands most on the base entity and half whose lands least (``pick_heatmap_pairs``).
         rank, world_size: this process's place; each evaluates its shard.
         seed: seeds which examples a ``max_examples`` subset and the heatmap take.
     """
@@ -127,7 +128,6 @@ def evaluate(
     chosen = spread_indices(data.test, max_examples, seed)
     if not chosen:
         raise ValueError("the test split is empty: nothing to evaluate")
-    pictured = set(chosen[:heatmap_examples])
     mine = _shard(chosen, rank, world_size)
     model = engine.model
     was_training = model.training
@@ -155,7 +155,7 @@ def evaluate(
             if rank == 0:
                 soft = out.selections.get("soft")
                 for b, index in enumerate(indices):
-                    if soft is not None and index in pictured and index not in heatmaps:
+                    if soft is not None and heatmap_examples > 0 and index not in heatmaps:
                         heatmaps[index] = _heatmap_entry(batch, soft, b, data.collator.tokenizer)
                 fresh = [b for b, index in enumerate(indices) if index not in described]
                 described.update(indices)
@@ -171,7 +171,43 @@ def evaluate(
         if name in stats:
             metrics[name]["selection"] = summarize_selection(_gather(stats[name]))
     analysis = Analysis({k: torch.cat(v) for k, v in vectors.items()}, labels) if vectors else None
-    return Evaluation(metrics, [heatmaps[i] for i in chosen[:heatmap_examples] if i in heatmaps], analysis)
+    pictured = []
+    if heatmaps and "soft" in stats:
+        shown = [r for r in stats["soft"] if r["index"] in heatmaps]
+        for row in pick_heatmap_pairs(shown, heatmap_examples):
+            entry = heatmaps[row["index"]]
+            share = row["base_entity_share"]
+            on_entity = "nothing moved" if share is None else f"{100 * share:.0f}% of moved mass on the base entity"
+            pictured.append(entry | {"title": f"{entry['title']}: {on_entity}"})
+    return Evaluation(metrics, pictured, analysis)
+
+
+def pick_heatmap_pairs(rows: list[dict], count: int) -> list[dict]:
+    """Both kinds of pair in one picture: of the rows that move anything, the ceil(count/2) whose moved mass
+    lands most on the base entity (``base_entity_share``), then the rest with the least, least first; rows that
+    move nothing fill up only when too few move. Each half takes, within its own half of the moving rows, a new
+    (attribute, attribute type) while one is left, so the picture spreads over attributes and kinds. Ties keep
+    the rows' order."""
+    moving = sorted((r for r in rows if r["base_entity_share"] is not None), key=lambda r: -r["base_entity_share"])
+    picked: list[dict] = []
+
+    def take(candidates: list[dict], wanted: int) -> None:
+        seen: set[tuple] = set()
+        for spread in (True, False):
+            for row in candidates:
+                kind = (row.get("attribute"), row.get("attribute_type"))
+                if wanted and row not in picked and not (spread and kind in seen):
+                    picked.append(row)
+                    seen.add(kind)
+                    wanted -= 1
+
+    upper = (len(moving) + 1) // 2
+    take(moving[:upper], (count + 1) // 2)
+    take(moving, (count + 1) // 2 - len(picked))
+    take(moving[upper:][::-1], count - len(picked))
+    take(moving[::-1], count - len(picked))
+    take([r for r in rows if r["base_entity_share"] is None], count - len(picked))
+    return picked
 
 
 def _heatmap_entry(batch: dict, selection: torch.Tensor, b: int, tokenizer) -> dict:

@@ -174,6 +174,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.engine = self.setup.build(cfg)
         self.data = load_run_data(cfg, self.engine.model.target, self.setup)
+        # the instruction routes by attribute name: record which the editor learns, so no other is ever scored
+        self.engine.model.config.trained_attributes = sorted(set(self.data.train["attribute"]))
         mine = process_examples(len(self.data.train), cfg.global_batch_size, self.setup.rank, self.setup.world_size)
         cache_train_states(self.data, self.engine.model.target, cfg, self.setup, mine)
         if self.setup.is_main:

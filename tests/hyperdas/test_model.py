@@ -299,3 +299,21 @@ def test_an_annealed_selection_temperature_matches_the_literal_softmax_of_logits
     plain_out = plain(batch, mode="soft")
     sharp = model(batch, mode="soft")
     assert not torch.allclose(plain_out.selection, sharp.selection)  # τ is really applied
+
+
+def test_an_attribute_the_model_was_not_trained_on_is_refused(target64, tmp_path):
+    """The instruction routes by attribute name: an attribute never seen in training is an error, not a guess."""
+    model = _model(target64, trained_attributes=["Country", "Language"])
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
+    batch["attribute"] = ["Country", "Language", "Country"]
+    model(batch)  # trained attributes pass
+    batch["attribute"] = ["Country", "Continent", "Timezone"]
+    with pytest.raises(ValueError, match="localise Country, Language; the batch asks for Continent, Timezone"):
+        model(batch)
+    with pytest.raises(ValueError, match="asks for Continent"):
+        model.evaluate_batch(batch, ["soft"])
+    model.save_pretrained(tmp_path / "m")
+    loaded = HyperDAS.from_pretrained(tmp_path / "m", target=target64)
+    assert loaded.config.trained_attributes == ["Country", "Language"]
+    with pytest.raises(ValueError, match="trained_attributes must be a list"):
+        HyperDASConfig(target="tiny", trained_attributes="Country")

@@ -137,6 +137,9 @@ def test_run_writes_the_run_folder(tiny_run):
     assert len(_losses(out)) == 5
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_000004", "step_000005"]  # the last two are kept
+    trained = sorted(set(trainer.data.train["attribute"]))
+    assert len(trained) >= 1 and HyperDAS.from_pretrained(out / "model", target=trainer.engine.model.target).config \
+        .trained_attributes == trained
 
 
 def test_a_crash_loses_only_the_steps_since_the_last_checkpoint(tiny_run, tmp_path, monkeypatch):
