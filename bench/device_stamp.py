@@ -63,8 +63,12 @@ def package_version(package: str) -> str | None:
 def driver_version() -> str | None:
     """The NVIDIA driver's version from nvidia-smi (torch does not report it), None without one."""
     try:
-        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
@@ -150,8 +154,11 @@ def environment_stamp(smoke: bool = False) -> dict:
     }
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        stamp.update(memory_bytes=props.total_memory, multiprocessors=props.multi_processor_count,
-                     compute_capability=f"{props.major}.{props.minor}")
+        stamp.update(
+            memory_bytes=props.total_memory,
+            multiprocessors=props.multi_processor_count,
+            compute_capability=f"{props.major}.{props.minor}",
+        )
     stamp["autotune_candidates"] = autotune_candidates()
     stamp["copy_GBps"] = copy_bandwidth_gbps(device, 16 * 2**20 if smoke else None)
     stamp["matmul_TFLOPs"], stamp["matmul_dtype"] = matmul_tflops(device, 256 if smoke else None)

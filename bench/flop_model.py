@@ -63,8 +63,12 @@ CASES: dict[str, tuple[str, StepShape]] = {
 def _dims(config) -> dict[str, int]:
     heads = config.num_attention_heads
     return dict(
-        D=config.hidden_size, F=config.intermediate_size, V=config.vocab_size, layers=config.num_hidden_layers,
-        H=heads, Hkv=getattr(config, "num_key_value_heads", None) or heads,
+        D=config.hidden_size,
+        F=config.intermediate_size,
+        V=config.vocab_size,
+        layers=config.num_hidden_layers,
+        H=heads,
+        Hkv=getattr(config, "num_key_value_heads", None) or heads,
         hd=getattr(config, "head_dim", None) or config.hidden_size // heads,
     )
 
@@ -73,8 +77,15 @@ def step_macs(config, shape: StepShape) -> dict[str, dict[str, float]]:
     """MACs of one step, by part, for both paths: {"two_pass": {...}, "four_pass": {...}}."""
     d = _dims(config)
     D, F, V, H, Hkv, hd, n_layers = d["D"], d["F"], d["V"], d["H"], d["Hkv"], d["hd"], d["layers"]
-    B, T, Te, P, L, r, k = (shape.batch, shape.seq_len, shape.instruction_len, shape.label_tokens,
-                            shape.editor_layers, shape.rank, shape.intervention_layer)
+    B, T, Te, P, L, r, k = (
+        shape.batch,
+        shape.seq_len,
+        shape.instruction_len,
+        shape.label_tokens,
+        shape.editor_layers,
+        shape.rank,
+        shape.intervention_layer,
+    )
     projections = D * (H + 2 * Hkv) * hd + H * hd * D + 3 * D * F  # per token
     attention = 2 * T * H * hd  # per token at length T
 
@@ -139,11 +150,18 @@ def report(cases: dict[str, tuple[str, StepShape]]) -> list[dict]:
         two, four = sum(macs["two_pass"].values()), sum(macs["four_pass"].values())
         editor_two = next(v for k, v in macs["two_pass"].items() if k.startswith("editor"))
         editor_four = next(v for k, v in macs["four_pass"].items() if k.startswith("editor"))
-        rows.append({
-            "case": name, "model": model, "shape": asdict(shape), "macs": macs,
-            "two_pass_gmacs": two / 1e9, "four_pass_gmacs": four / 1e9, "ratio": four / two,
-            "ratio_without_editor": (four - editor_four) / (two - editor_two),
-        })
+        rows.append(
+            {
+                "case": name,
+                "model": model,
+                "shape": asdict(shape),
+                "macs": macs,
+                "two_pass_gmacs": two / 1e9,
+                "four_pass_gmacs": four / 1e9,
+                "ratio": four / two,
+                "ratio_without_editor": (four - editor_four) / (two - editor_two),
+            }
+        )
     return rows
 
 
@@ -161,13 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cases = CASES
     if args.model is not None:
-        shape = StepShape(args.batch, args.seq_len, args.instruction_len, args.label_tokens, args.editor_layers,
-                          args.rank, args.intervention_layer)
+        shape = StepShape(
+            args.batch,
+            args.seq_len,
+            args.instruction_len,
+            args.label_tokens,
+            args.editor_layers,
+            args.rank,
+            args.intervention_layer,
+        )
         cases = {args.model: (args.model, shape)}
     rows = report(cases)
     for row in rows:
-        print(f"\n{row['case']}: four-pass / two-pass = {row['ratio']:.2f} "
-              f"({row['ratio_without_editor']:.2f} without the shared editor)")
+        print(
+            f"\n{row['case']}: four-pass / two-pass = {row['ratio']:.2f} "
+            f"({row['ratio_without_editor']:.2f} without the shared editor)"
+        )
         for path in ("two_pass", "four_pass"):
             print(f"  {path}: {row[path + '_gmacs']:.1f} GMAC")
             for part, value in row["macs"][path].items():

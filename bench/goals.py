@@ -50,8 +50,15 @@ def _find(rows: list[dict], **match) -> list[dict]:
     return [row for row in rows if all(row[key] == value for key, value in match.items())]
 
 
-def _ratio(rows: list[dict], op: str, mode: str, slow: str, fast: str, case: str | None = None,
-           value: Callable[[dict], float | None] = lambda row: row["mean"]) -> tuple[float | None, str]:
+def _ratio(
+    rows: list[dict],
+    op: str,
+    mode: str,
+    slow: str,
+    fast: str,
+    case: str | None = None,
+    value: Callable[[dict], float | None] = lambda row: row["mean"],
+) -> tuple[float | None, str]:
     """value(slow path) / value(fast path) in the same file and case, the smallest over cases; and a detail."""
     ratios = []
     for fast_row in _find(rows, op=op, mode=mode, path=fast):
@@ -71,11 +78,19 @@ def evaluate(benchmark_rows: list[dict], step_results: list[dict]) -> list[Goal]
     rows = benchmark_rows
     goals = []
 
-    fractions = [row["info"].get("fraction_of_copy_bandwidth") for row in
-                 _find(rows, op="interchange", case="hyperdas", path="fused", mode="fwd")]
+    fractions = [
+        row["info"].get("fraction_of_copy_bandwidth")
+        for row in _find(rows, op="interchange", case="hyperdas", path="fused", mode="fwd")
+    ]
     fraction = next((f for f in fractions if f is not None), None)
-    goals.append(Goal("interchange forward >= 80% of copy bandwidth", 0.8, fraction,
-                      "fused, HyperDAS case" if fraction is not None else ""))
+    goals.append(
+        Goal(
+            "interchange forward >= 80% of copy bandwidth",
+            0.8,
+            fraction,
+            "fused, HyperDAS case" if fraction is not None else "",
+        )
+    )
     for target, slow, case in ((3.0, "reference", "hyperdas"), (5.0, "pyvene", "pyvene")):
         figure, detail = _ratio(rows, "interchange", "fwd_bwd", slow, "fused", case)
         name = "eager" if slow == "reference" else "pyvene"
@@ -89,10 +104,16 @@ def evaluate(benchmark_rows: list[dict], step_results: list[dict]) -> list[Goal]
     figure, detail = _ratio(rows, "cross_attention", "fwd_bwd", "sdpa_flash", "triton")
     goals.append(Goal("cross-attention fwd+bwd at least as fast as SDPA flash", 1.0, figure, detail))
 
-    fused_cases = sorted({row["case"] for row in _find(rows, op="training_step") if "fused kernels" in row["case"]
-                          and "unfused" not in row["case"]})
-    figure, detail = _ratio(rows, "training_step", "fwd+bwd+adamw", "four_pass", "two_pass",
-                            fused_cases[0] if fused_cases else "")
+    fused_cases = sorted(
+        {
+            row["case"]
+            for row in _find(rows, op="training_step")
+            if "fused kernels" in row["case"] and "unfused" not in row["case"]
+        }
+    )
+    figure, detail = _ratio(
+        rows, "training_step", "fwd+bwd+adamw", "four_pass", "two_pass", fused_cases[0] if fused_cases else ""
+    )
     goals.append(Goal("two-pass step speed-up over the four-pass step (fused)", None, figure, detail))
 
     ratio, detail = None, ""

@@ -87,12 +87,34 @@ class Limits:
     training_leave: float
 
 
-GPU_LIMITS = Limits(budget=510, environment=90, test_file=180, per_test=120, test_jobs=4, benchmark_file=150,
-                    per_benchmark=90, training_step=210, zero3=150, tests_leave=320, benchmarks_leave=190,
-                    training_leave=50)
-SMOKE_LIMITS = Limits(budget=150, environment=40, test_file=60, per_test=30, test_jobs=2, benchmark_file=60,
-                      per_benchmark=40, training_step=75, zero3=45, tests_leave=70, benchmarks_leave=50,
-                      training_leave=15)
+GPU_LIMITS = Limits(
+    budget=510,
+    environment=90,
+    test_file=180,
+    per_test=120,
+    test_jobs=4,
+    benchmark_file=150,
+    per_benchmark=90,
+    training_step=210,
+    zero3=150,
+    tests_leave=320,
+    benchmarks_leave=190,
+    training_leave=50,
+)
+SMOKE_LIMITS = Limits(
+    budget=150,
+    environment=40,
+    test_file=60,
+    per_test=30,
+    test_jobs=2,
+    benchmark_file=60,
+    per_benchmark=40,
+    training_step=75,
+    zero3=45,
+    tests_leave=70,
+    benchmarks_leave=50,
+    training_leave=15,
+)
 
 
 @dataclass
@@ -128,8 +150,10 @@ class RunLog:
     def add(self, title: str, command: list[str], outcome: Outcome) -> None:
         status = "killed at its time limit" if outcome.returncode is None else f"exit {outcome.returncode}"
         with self.lock, self.path.open("a") as log:
-            log.write(f"===== {title}: {status}, {outcome.seconds:.1f} s of {outcome.limit:.0f} s\n"
-                      f"$ {' '.join(command)}\n{outcome.output}\n")
+            log.write(
+                f"===== {title}: {status}, {outcome.seconds:.1f} s of {outcome.limit:.0f} s\n"
+                f"$ {' '.join(command)}\n{outcome.output}\n"
+            )
 
 
 class Run:
@@ -147,8 +171,12 @@ class Run:
         self.log = RunLog(out / "run.log")
         self.rows: list[Row] = []
         self.stamp: dict = {}
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-                        PYTHONPATH=os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH")) if p))
+        self.env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONPATH=os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH")) if p),
+        )
         if not cuda:
             self.env["TRITON_INTERPRET"] = "1"
 
@@ -172,15 +200,17 @@ class Run:
         """A subprocess's time limit: ``nominal``, cut to what is left of the budget less ``leave``."""
         return max(0.0, min(nominal, self.time_left() - leave))
 
-    def command(self, title: str, command: list[str], nominal_limit: float, extra_env: dict | None = None,
-                leave: float = 0.0) -> Outcome:
+    def command(
+        self, title: str, command: list[str], nominal_limit: float, extra_env: dict | None = None, leave: float = 0.0
+    ) -> Outcome:
         """Run a command in its own process group from the repository root; kill the group at its limit."""
         limit = self.limit(nominal_limit, leave)
         env = self.env | (extra_env or {})
         start = time.monotonic()
         with tempfile.TemporaryFile("w+") as sink:
-            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
             try:
                 returncode: int | None = process.wait(timeout=limit)
             except subprocess.TimeoutExpired:
@@ -235,8 +265,9 @@ def junit_counts(path: Path) -> dict:
 
 
 def describe_counts(counts: dict) -> str:
-    text = f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, " \
-           f"{counts['skipped']} skipped"
+    text = (
+        f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, {counts['skipped']} skipped"
+    )
     if counts["failures"]:
         text += "; " + "; ".join(counts["failures"][:3]) + (" ..." if len(counts["failures"]) > 3 else "")
     if counts["skip_reasons"]:
@@ -264,8 +295,22 @@ def python(script: str, *args: str) -> list[str]:
 
 
 def pytest_command(file: Path, junit: Path, per_test: float, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "-p", "time_limit",
-            "--time-limit", f"{per_test:g}", f"--junitxml={junit}", str(file), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "time_limit",
+        "--time-limit",
+        f"{per_test:g}",
+        f"--junitxml={junit}",
+        str(file),
+        *extra,
+    ]
 
 
 # --- the steps -------------------------------------------------------------------------------------------------
@@ -273,16 +318,28 @@ def pytest_command(file: Path, junit: Path, per_test: float, *extra: str) -> lis
 
 def step_environment(run: Run, label: str) -> list[Row]:
     stamp_file = run.work / "stamp.json"
-    outcome = run.command("environment", python("device_stamp.py", "--json", str(stamp_file),
-                                                 *(["--smoke"] if run.smoke else [])), run.limits.environment)
+    outcome = run.command(
+        "environment",
+        python("device_stamp.py", "--json", str(stamp_file), *(["--smoke"] if run.smoke else [])),
+        run.limits.environment,
+    )
     if outcome.returncode != 0 or not stamp_file.is_file():
-        return [Row(label, "device_stamp.py", "failed" if outcome.returncode else "timed out",
-                    outcome.seconds, failure_reason(outcome))]
+        return [
+            Row(
+                label,
+                "device_stamp.py",
+                "failed" if outcome.returncode else "timed out",
+                outcome.seconds,
+                failure_reason(outcome),
+            )
+        ]
     run.stamp = json.loads(stamp_file.read_text())
     s = run.stamp
-    why = (f"{s['device']}, driver {s.get('driver')}, torch {s['versions']['torch']}, triton "
-           f"{s['versions']['triton']}; copy {s['copy_GBps']:.4g} GB/s, {s['matmul_dtype']} matmul "
-           f"{s['matmul_TFLOPs']:.4g} TFLOP/s; autotune candidates {s['autotune_candidates']}")
+    why = (
+        f"{s['device']}, driver {s.get('driver')}, torch {s['versions']['torch']}, triton "
+        f"{s['versions']['triton']}; copy {s['copy_GBps']:.4g} GB/s, {s['matmul_dtype']} matmul "
+        f"{s['matmul_TFLOPs']:.4g} TFLOP/s; autotune candidates {s['autotune_candidates']}"
+    )
     return [Row(label, "device_stamp.py", "ok", outcome.seconds, why, {"stamp": s})]
 
 
@@ -295,8 +352,7 @@ def step_kernel_tests(run: Run, label: str) -> list[Row]:
             return Row(label, file.name, "skipped", why="the run's time budget is spent")
         junit = run.work / f"junit_tests_{file.stem}.xml"
         command = pytest_command(file.relative_to(REPO), junit, run.limits.per_test, *extra)
-        outcome = run.command(f"kernel tests {file.name}", command, run.limits.test_file,
-                              leave=run.limits.tests_leave)
+        outcome = run.command(f"kernel tests {file.name}", command, run.limits.test_file, leave=run.limits.tests_leave)
         return pytest_row(label, file.name, outcome, junit)
 
     with ThreadPoolExecutor(max_workers=run.limits.test_jobs) as pool:
@@ -312,10 +368,12 @@ def step_kernel_benchmarks(run: Run, label: str) -> list[Row]:
             rows.append(Row(label, what, "skipped", why="the run's time budget is spent"))
             continue
         junit, result = run.work / f"junit_bench_{Path(name).stem}.xml", run.work / f"bench_{Path(name).stem}.json"
-        command = pytest_command(Path("bench") / name, junit, run.limits.per_benchmark, *extra,
-                                 f"--benchmark-json={result}")
-        outcome = run.command(f"kernel benchmarks {name}", command, run.limits.benchmark_file,
-                              leave=run.limits.benchmarks_leave)
+        command = pytest_command(
+            Path("bench") / name, junit, run.limits.per_benchmark, *extra, f"--benchmark-json={result}"
+        )
+        outcome = run.command(
+            f"kernel benchmarks {name}", command, run.limits.benchmark_file, leave=run.limits.benchmarks_leave
+        )
         row = pytest_row(label, what, outcome, junit)
         if result.is_file():
             data = json.loads(result.read_text())
@@ -342,8 +400,10 @@ def describe_step(result: dict) -> str:
     for bench in result.get("benchmarks", []):
         info = bench["extra_info"]
         peak = info.get("peak_memory_bytes")
-        parts.append(f"{bench['name'].split('[')[1].rstrip(']')} {bench['stats']['mean']:.3g} s "
-                     f"({info['pairs_per_second']:.3g} pairs/s{'' if peak is None else f', peak {size(peak)}'})")
+        parts.append(
+            f"{bench['name'].split('[')[1].rstrip(']')} {bench['stats']['mean']:.3g} s "
+            f"({info['pairs_per_second']:.3g} pairs/s{'' if peak is None else f', peak {size(peak)}'})"
+        )
     return "; ".join(parts)
 
 
@@ -352,8 +412,10 @@ def describe_largest(result: dict) -> str:
     for entry in result.get("largest_batch", []):
         probes = ", ".join(f"{p['batch']} {'fits' if p['fits'] else 'fails'}" for p in entry.get("probes", []))
         found = entry.get("largest_fit", "unfinished")
-        parts.append(f"{entry['setting']}: {found} (predicted {entry['predicted_largest']}; probes {probes or 'none'}; "
-                     f"{entry.get('stopped', 'stopped early')})")
+        parts.append(
+            f"{entry['setting']}: {found} (predicted {entry['predicted_largest']}; probes {probes or 'none'}; "
+            f"{entry.get('stopped', 'stopped early')})"
+        )
     ratio = result.get("batch_ratio_checkpointed_over_plain")
     return "; ".join(parts) + (f"; ratio {ratio:.2f}x" if ratio else "")
 
@@ -362,8 +424,14 @@ def step_training(run: Run, label: str) -> list[Row]:
     limit = run.limit(run.limits.training_step, run.limits.training_leave)
     if limit < MIN_START_S:
         return [Row(label, "training_step_at_scale.py", "skipped", why="the run's time budget is spent")]
-    command = python("training_step_at_scale.py", "--json", str(run.step_json), "--budget-s", f"{limit - 15:.0f}",
-                     *(["--smoke"] if run.smoke else []))
+    command = python(
+        "training_step_at_scale.py",
+        "--json",
+        str(run.step_json),
+        "--budget-s",
+        f"{limit - 15:.0f}",
+        *(["--smoke"] if run.smoke else []),
+    )
     alloc = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # less fragmentation after out-of-memory probes
     outcome = run.command("training step", command, limit, alloc)
     result = json.loads(run.step_json.read_text()) if run.step_json.is_file() else {}
@@ -373,15 +441,39 @@ def step_training(run: Run, label: str) -> list[Row]:
     else:
         status = "timed out" if outcome.returncode is None else "failed"
         why = "; ".join(part for part in (errors or failure_reason(outcome), describe_step(result)) if part)
-    rows = [Row(label, "two-pass vs four-pass, fused on/off", status, outcome.seconds, why,
-                {"result": {k: v for k, v in result.items() if k != "largest_batch"}})]
+    rows = [
+        Row(
+            label,
+            "two-pass vs four-pass, fused on/off",
+            status,
+            outcome.seconds,
+            why,
+            {"result": {k: v for k, v in result.items() if k != "largest_batch"}},
+        )
+    ]
     searched = result.get("largest_batch", [])
     if len(searched) == 2 and all("largest_fit" in entry for entry in searched):
-        rows.append(Row(label, "largest batch: plain vs checkpointing", "ok", 0.0, describe_largest(result),
-                        {"largest_batch": searched}))
+        rows.append(
+            Row(
+                label,
+                "largest batch: plain vs checkpointing",
+                "ok",
+                0.0,
+                describe_largest(result),
+                {"largest_batch": searched},
+            )
+        )
     else:
-        rows.append(Row(label, "largest batch: plain vs checkpointing", status, 0.0,
-                        f"not finished: {describe_largest(result) or why}", {"largest_batch": searched}))
+        rows.append(
+            Row(
+                label,
+                "largest batch: plain vs checkpointing",
+                status,
+                0.0,
+                f"not finished: {describe_largest(result) or why}",
+                {"largest_batch": searched},
+            )
+        )
     return rows
 
 
@@ -393,21 +485,32 @@ def step_zero3(run: Run, label: str) -> list[Row]:
             rows.append(Row(label, what, "skipped", why="the run's time budget is spent"))
             continue
         result_file = run.work / f"zero3_{config}.json"
-        command = python("zero3_step.py", "--config", config, "--json", str(result_file),
-                         *(["--smoke"] if run.smoke else []))
+        command = python(
+            "zero3_step.py", "--config", config, "--json", str(result_file), *(["--smoke"] if run.smoke else [])
+        )
         outcome = run.command(f"ZeRO-3 {config}", command, run.limits.zero3)
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
         if outcome.returncode != 0:
-            rows.append(Row(label, what, "timed out" if outcome.returncode is None else "failed",
-                            outcome.seconds, failure_reason(outcome), {"result": result}))
+            rows.append(
+                Row(
+                    label,
+                    what,
+                    "timed out" if outcome.returncode is None else "failed",
+                    outcome.seconds,
+                    failure_reason(outcome),
+                    {"result": result},
+                )
+            )
         elif result.get("status") == "skipped":
             rows.append(Row(label, what, "skipped", outcome.seconds, result["why"], {"result": result}))
         else:
             states = result["state_bytes"]
-            why = (f"offload {result['offload']}, steps {', '.join(f'{t:.2f}' for t in result['step_seconds'])} s; "
-                   f"peak {size(result['peak_memory_bytes'])} (predicted {size(result['predicted_peak_bytes'])}); "
-                   f"model states {size(sum(states['measured'].values()))} (predicted "
-                   f"{size(sum(v for k, v in states['predicted'].items() if k != 'gathered'))})")
+            why = (
+                f"offload {result['offload']}, steps {', '.join(f'{t:.2f}' for t in result['step_seconds'])} s; "
+                f"peak {size(result['peak_memory_bytes'])} (predicted {size(result['predicted_peak_bytes'])}); "
+                f"model states {size(sum(states['measured'].values()))} (predicted "
+                f"{size(sum(v for k, v in states['predicted'].items() if k != 'gathered'))})"
+            )
             rows.append(Row(label, what, "ok", outcome.seconds, why, {"result": result}))
     return rows
 
@@ -440,25 +543,40 @@ def write_summary(run: Run) -> tuple[str, str]:
     goals = read(results) if results else []
     elapsed = time.monotonic() - run.started
     summary = {
-        "started_utc": run.started_utc.isoformat(timespec="seconds"), "elapsed_s": elapsed,
-        "budget_s": run.limits.budget, "smoke": run.smoke, "stamp": run.stamp,
-        "files": [f.name for f in sorted(run.out.iterdir())], "goals": as_dicts(goals),
+        "started_utc": run.started_utc.isoformat(timespec="seconds"),
+        "elapsed_s": elapsed,
+        "budget_s": run.limits.budget,
+        "smoke": run.smoke,
+        "stamp": run.stamp,
+        "files": [f.name for f in sorted(run.out.iterdir())],
+        "goals": as_dicts(goals),
         "rows": [asdict(row) for row in run.rows],
     }
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     s = run.stamp
-    header = [f"# GPU run {summary['started_utc']}{' (smoke, CPU)' if run.smoke else ''}: {elapsed:.0f} s "
-              f"of a {run.limits.budget:.0f} s budget", ""]
+    header = [
+        f"# GPU run {summary['started_utc']}{' (smoke, CPU)' if run.smoke else ''}: {elapsed:.0f} s "
+        f"of a {run.limits.budget:.0f} s budget",
+        "",
+    ]
     if run.smoke:
-        header += ["A smoke run: CPU, tiny shapes, Triton in its interpreter, out-of-memory simulated. It checks the "
-                   "script; its figures, the goals' included, mean nothing.", ""]
+        header += [
+            "A smoke run: CPU, tiny shapes, Triton in its interpreter, out-of-memory simulated. It checks the "
+            "script; its figures, the goals' included, mean nothing.",
+            "",
+        ]
     if s:
-        header += [f"{s['device']} (driver {s.get('driver')}, CUDA {s.get('cuda_runtime')}), Python {s['python']}, "
-                   + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + f"; copy {s['copy_GBps']:.4g} GB/s, "
-                   f"{s['matmul_dtype']} matmul {s['matmul_TFLOPs']:.4g} TFLOP/s.", ""]
+        header += [
+            f"{s['device']} (driver {s.get('driver')}, CUDA {s.get('cuda_runtime')}), Python {s['python']}, "
+            + ", ".join(f"{k} {v}" for k, v in s["versions"].items())
+            + f"; copy {s['copy_GBps']:.4g} GB/s, "
+            f"{s['matmul_dtype']} matmul {s['matmul_TFLOPs']:.4g} TFLOP/s.",
+            "",
+        ]
     goals_table, steps_table = render(goals) if goals else "(no results yet)", run_table(run.rows)
-    markdown = "\n".join(header + ["## Goals", "", goals_table, "", "## What ran, what failed and why", "",
-                                   steps_table, ""])
+    markdown = "\n".join(
+        header + ["## Goals", "", goals_table, "", "## What ran, what failed and why", "", steps_table, ""]
+    )
     (run.out / "summary.md").write_text(markdown)
     return goals_table, steps_table
 
@@ -467,8 +585,18 @@ def ensure_hyperdas(run: Run) -> Row | None:
     """Install hyperdas (editable, no dependencies, no index) when it does not import; the row says how it went."""
     if importlib.util.find_spec("hyperdas") is not None and importlib.util.find_spec("hyperdas.kernels") is not None:
         return None
-    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-               "-e", str(REPO)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-e",
+        str(REPO),
+    ]
     outcome = run.command("install hyperdas", command, 120)
     status = "ok" if outcome.returncode == 0 else "failed"
     why = "pip install -e . (no deps, no index)" if status == "ok" else failure_reason(outcome)
@@ -479,9 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the results (created; flat)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, under 2 minutes: checks this script")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help=f"stop starting work after this long (default {GPU_LIMITS.budget:.0f}; "
-                             f"smoke {SMOKE_LIMITS.budget:.0f})")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help=f"stop starting work after this long (default {GPU_LIMITS.budget:.0f}; smoke {SMOKE_LIMITS.budget:.0f})",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -505,8 +636,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows = [Row(label, "(the step itself)", "failed", 0.0, f"{type(err).__name__}: {err}")]
             run.rows.extend(rows)
             goals_table, steps_table = write_summary(run)
-            print(f"[{time.monotonic() - run.started:4.0f} s] {label}: "
-                  + ", ".join(f"{row.what} {row.status}" for row in rows), flush=True)
+            print(
+                f"[{time.monotonic() - run.started:4.0f} s] {label}: "
+                + ", ".join(f"{row.what} {row.status}" for row in rows),
+                flush=True,
+            )
     finally:
         shutil.rmtree(run.work, ignore_errors=True)  # junit reports and per-file JSON, merged into DIR by now
     print(f"\n{goals_table}\n\n{steps_table}")

@@ -42,12 +42,29 @@ GIB = 2**30
 
 #: architecture presets: transformers config fields (Llama family).
 PRESETS: dict[str, dict] = {
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                      rope_theta=500000.0),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
     # the tests' tiny random Llama (tests/conftest.py), with a small vocabulary
-    "tiny": dict(vocab_size=512, hidden_size=40, intermediate_size=56, num_hidden_layers=3, num_attention_heads=5,
-                 num_key_value_heads=1, head_dim=8, tie_word_embeddings=False, pad_token_id=2),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=40,
+        intermediate_size=56,
+        num_hidden_layers=3,
+        num_attention_heads=5,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=False,
+        pad_token_id=2,
+    ),
 }
 
 
@@ -103,8 +120,12 @@ def parameter_counts(model: str, step: Step):
     from hyperdas.config import HyperDASConfig
     from hyperdas.train.memory_fit import count_parameters
 
-    config = HyperDASConfig(target=model, intervention_layer=step.intervention_layer, das_dimension=step.rank,
-                            chop_editor_at_layer=step.editor_layers)
+    config = HyperDASConfig(
+        target=model,
+        intervention_layer=step.intervention_layer,
+        das_dimension=step.rank,
+        chop_editor_at_layer=step.editor_layers,
+    )
     return count_parameters(config, target_config(model))
 
 
@@ -261,12 +282,16 @@ def synthetic_batch(vocab: int, step: Step, seed: int = 0) -> dict:
     base = torch.randint(3, vocab, (b, t), generator=g)
     positions = torch.arange(t - p - 1, t - 1).expand(b, p)
     return {
-        "base_input_ids": base, "base_attention_mask": ones, "base_intervention_mask": ones.bool(),
-        "source_input_ids": torch.randint(3, vocab, (b, t), generator=g), "source_attention_mask": ones,
+        "base_input_ids": base,
+        "base_attention_mask": ones,
+        "base_intervention_mask": ones.bool(),
+        "source_input_ids": torch.randint(3, vocab, (b, t), generator=g),
+        "source_attention_mask": ones,
         "source_intervention_mask": ones.bool(),
         "instruction_input_ids": torch.randint(3, vocab, (b, te), generator=g),
         "instruction_attention_mask": torch.ones(b, te, dtype=torch.long),
-        "label_positions": positions, "label_ids": base.gather(1, positions + 1),
+        "label_positions": positions,
+        "label_ids": base.gather(1, positions + 1),
         "is_causal": torch.arange(b) % 2 == 0,
     }
 
@@ -280,10 +305,18 @@ def measure_tiny(step: Step) -> dict[str, int]:
 
     config = target_config("tiny")
     target = build_random_target(config, seed=0)
-    model = HyperDAS(HyperDASConfig(target="tiny", intervention_layer=step.intervention_layer,
-                                    das_dimension=step.rank, chop_editor_at_layer=step.editor_layers,
-                                    checkpoint_editor_layers=step.checkpoint_editor,
-                                    checkpoint_target_layers=step.checkpoint_target, use_fused_kernels=False), target)
+    model = HyperDAS(
+        HyperDASConfig(
+            target="tiny",
+            intervention_layer=step.intervention_layer,
+            das_dimension=step.rank,
+            chop_editor_at_layer=step.editor_layers,
+            checkpoint_editor_layers=step.checkpoint_editor,
+            checkpoint_target_layers=step.checkpoint_target,
+            use_fused_kernels=False,
+        ),
+        target,
+    )
     batch = synthetic_batch(config.vocab_size, step)
     model(batch).loss.backward()  # allocate the gradients first: the measured step accumulates into them
     grads = [p.grad for _, p in model.trainable_named_parameters() if p.grad is not None]
@@ -303,11 +336,17 @@ def check_against_tiny(steps: list[Step]) -> list[dict]:
         predicted = predict("tiny", step)
         measured = measure_tiny(step)
         peak_predicted = predicted["total"] - sum(v for k, v in predicted.items() if k.startswith("state."))
-        rows.append({
-            "batch": step.batch, "seq_len": step.seq_len, "checkpoint": step.checkpoint_editor,
-            "retained_predicted": predicted["act.retained"], "retained_measured": measured["retained"],
-            "peak_predicted": peak_predicted, "peak_measured": measured["peak"],
-        })
+        rows.append(
+            {
+                "batch": step.batch,
+                "seq_len": step.seq_len,
+                "checkpoint": step.checkpoint_editor,
+                "retained_predicted": predicted["act.retained"],
+                "retained_measured": measured["retained"],
+                "peak_predicted": peak_predicted,
+                "peak_measured": measured["peak"],
+            }
+        )
     return rows
 
 
@@ -337,8 +376,9 @@ def measured_state_bytes(engine, device_type: str | None = None) -> dict[str, in
         "editor_weights": nbytes(p.ds_tensor for _, p in engine.model.trainable_named_parameters()),
         "gradients": nbytes([inner.grad_partitions_flat_buffer]),
         "optimizer": nbytes(inner.fp32_partitioned_groups_flat)
-        + nbytes(t for state in inner.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-                 and t.dim() > 0),
+        + nbytes(
+            t for state in inner.optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0
+        ),
     }
 
 
@@ -361,11 +401,13 @@ def measure_states() -> dict:
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     step = Step(batch=2, seq_len=12, instruction_len=6, editor_layers=2, rank=8, intervention_layer=1)
-    model_config = HyperDASConfig(target="tiny", intervention_layer=1, das_dimension=8, chop_editor_at_layer=2,
-                                  use_fused_kernels=False)
+    model_config = HyperDASConfig(
+        target="tiny", intervention_layer=1, das_dimension=8, chop_editor_at_layer=2, use_fused_kernels=False
+    )
     run = RunConfig(model=model_config, global_batch_size=step.batch * world, precision="fp32")
-    ds = resolve_ds_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, run,
-                           world, "cpu")
+    ds = resolve_ds_config(
+        {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, run, world, "cpu"
+    )
     counts = count_parameters(model_config, target_config("tiny"))  # before ZeRO-3 construction is switched on
     model, keep_alive = build_model(run, ds, "cpu", random_target(target_config("tiny")))
     engine = DeepSpeedEngine(model, run, ds, keep_alive)
@@ -396,15 +438,23 @@ def report(device_gib: float = 80.0) -> list[dict]:
             chosen = replace(step, checkpoint_editor=editor, checkpoint_target=target)
             largest = largest_batch("llama3-8b", chosen, device_gib)
             states = sum(v for k, v in predict("llama3-8b", replace(chosen, batch=1)).items() if k.startswith("state."))
-            rows.append({"setup": name, "checkpoint_editor": editor, "checkpoint_target": target,
-                         "model_states_gib": round(states / GIB, 1), "largest_batch": largest})
+            rows.append(
+                {
+                    "setup": name,
+                    "checkpoint_editor": editor,
+                    "checkpoint_target": target,
+                    "model_states_gib": round(states / GIB, 1),
+                    "largest_batch": largest,
+                }
+            )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama3-8b",
-                        help=f"preset {sorted(PRESETS)}, smollm2-135m, or a hub name / folder")
+    parser.add_argument(
+        "--model", default="llama3-8b", help=f"preset {sorted(PRESETS)}, smollm2-135m, or a hub name / folder"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--instruction-len", type=int, default=64)
@@ -422,27 +472,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--largest-batch", type=float, default=None, metavar="GIB", help="device memory in GiB")
     parser.add_argument("--report", action="store_true", help="the docs/scale_out.md table (80 GiB)")
     parser.add_argument("--measure", action="store_true", help="check activations against the tiny model on CPU")
-    parser.add_argument("--measure-states", action="store_true",
-                        help="check ZeRO-3 model states against DeepSpeed's buffers (tiny model; alone or torchrun)")
+    parser.add_argument(
+        "--measure-states",
+        action="store_true",
+        help="check ZeRO-3 model states against DeepSpeed's buffers (tiny model; alone or torchrun)",
+    )
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args(argv)
-    step = Step(batch=args.batch, seq_len=args.seq_len, instruction_len=args.instruction_len,
-                editor_layers=args.editor_layers, rank=args.rank, intervention_layer=args.intervention_layer,
-                engine=args.engine, stage=args.stage, devices=args.devices, offload=args.offload,
-                bf16=not args.fp32, checkpoint_editor=args.checkpoint_editor,
-                checkpoint_target=args.checkpoint_target, attention=args.attention)
+    step = Step(
+        batch=args.batch,
+        seq_len=args.seq_len,
+        instruction_len=args.instruction_len,
+        editor_layers=args.editor_layers,
+        rank=args.rank,
+        intervention_layer=args.intervention_layer,
+        engine=args.engine,
+        stage=args.stage,
+        devices=args.devices,
+        offload=args.offload,
+        bf16=not args.fp32,
+        checkpoint_editor=args.checkpoint_editor,
+        checkpoint_target=args.checkpoint_target,
+        attention=args.attention,
+    )
     if args.measure:
         tiny = Step(batch=4, seq_len=12, instruction_len=6, editor_layers=2, rank=8, intervention_layer=1)
-        steps = [replace(tiny, batch=b, checkpoint_editor=c, checkpoint_target=c)
-                 for b in (4, 16) for c in (False, True)]
+        steps = [
+            replace(tiny, batch=b, checkpoint_editor=c, checkpoint_target=c) for b in (4, 16) for c in (False, True)
+        ]
         result: object = check_against_tiny(steps)
         print("| B | T | checkpointing | retained predicted | measured | ratio | peak predicted | measured | ratio |")
         print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in result:
-            print(f"| {r['batch']} | {r['seq_len']} | {'on' if r['checkpoint'] else 'off'} | "
-                  f"{r['retained_predicted'] / 1024:.0f} KiB | {r['retained_measured'] / 1024:.0f} KiB | "
-                  f"{r['retained_predicted'] / r['retained_measured']:.2f} | {r['peak_predicted'] / 1024:.0f} KiB | "
-                  f"{r['peak_measured'] / 1024:.0f} KiB | {r['peak_predicted'] / r['peak_measured']:.2f} |")
+            print(
+                f"| {r['batch']} | {r['seq_len']} | {'on' if r['checkpoint'] else 'off'} | "
+                f"{r['retained_predicted'] / 1024:.0f} KiB | {r['retained_measured'] / 1024:.0f} KiB | "
+                f"{r['retained_predicted'] / r['retained_measured']:.2f} | {r['peak_predicted'] / 1024:.0f} KiB | "
+                f"{r['peak_measured'] / 1024:.0f} KiB | {r['peak_predicted'] / r['peak_measured']:.2f} |"
+            )
     elif args.measure_states:
         result = measure_states()
         if result["rank"] == 0:
@@ -454,11 +521,16 @@ def main(argv: list[str] | None = None) -> int:
         print("| setup | checkpoint editor | checkpoint target k..end | model states (GiB) | largest batch |")
         print("| --- | --- | --- | ---: | ---: |")
         for r in result:
-            print(f"| {r['setup']} | {'on' if r['checkpoint_editor'] else 'off'} | "
-                  f"{'on' if r['checkpoint_target'] else 'off'} | {r['model_states_gib']} | {r['largest_batch']} |")
+            print(
+                f"| {r['setup']} | {'on' if r['checkpoint_editor'] else 'off'} | "
+                f"{'on' if r['checkpoint_target'] else 'off'} | {r['model_states_gib']} | {r['largest_batch']} |"
+            )
     elif args.largest_batch is not None:
-        result = {"step": asdict(step), "device_gib": args.largest_batch,
-                  "largest_batch": largest_batch(args.model, step, args.largest_batch)}
+        result = {
+            "step": asdict(step),
+            "device_gib": args.largest_batch,
+            "largest_batch": largest_batch(args.model, step, args.largest_batch),
+        }
         print(f"largest batch per device: {result['largest_batch']}")
     else:
         result = {"step": asdict(step), "bytes": predict(args.model, step)}

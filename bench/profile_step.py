@@ -50,10 +50,14 @@ class PartTimer:
 
             return hook
 
-        self._handles += [module.register_forward_pre_hook(start("forward")), module.register_forward_hook(
-            stop("forward"))]
-        self._handles += [module.register_full_backward_pre_hook(start("backward")),
-                          module.register_full_backward_hook(stop("backward"))]
+        self._handles += [
+            module.register_forward_pre_hook(start("forward")),
+            module.register_forward_hook(stop("forward")),
+        ]
+        self._handles += [
+            module.register_full_backward_pre_hook(start("backward")),
+            module.register_full_backward_hook(stop("backward")),
+        ]
 
     def reset(self) -> None:
         self.seconds.clear()
@@ -93,8 +97,11 @@ def profile(args) -> dict:
     cache = None
     if not args.live:
         cache = StateCache(target)
-        cache.fill(real_rows(batch["base_input_ids"], batch["base_attention_mask"])
-                   + real_rows(batch["source_input_ids"], batch["source_attention_mask"]), progress=False)
+        cache.fill(
+            real_rows(batch["base_input_ids"], batch["base_attention_mask"])
+            + real_rows(batch["source_input_ids"], batch["source_attention_mask"]),
+            progress=False,
+        )
     timer = PartTimer()
     watch_model(timer, model, k)
     weights = LossWeights(sparsity=0.5)
@@ -123,8 +130,9 @@ def profile(args) -> dict:
         named[("optimizer (clip + AdamW)", "step")] = opt
         accounted_backward = sum(v for (p, ph), v in named.items() if ph == "backward")
         named[("other (interchange, loss, small ops)", "backward")] = backward - accounted_backward
-        named[("other (interchange, loss, small ops)", "forward")] = total - backward - opt - sum(
-            v for (p, ph), v in named.items() if ph == "forward")
+        named[("other (interchange, loss, small ops)", "forward")] = (
+            total - backward - opt - sum(v for (p, ph), v in named.items() if ph == "forward")
+        )
         for key, value in named.items():
             parts[key].append(value)
     step_time = statistics.median(steps)
@@ -152,9 +160,13 @@ def _cpu_model() -> str:
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['case']}; {result['cpu_model']}, {result['threads']} threads: "
-             f"step {result['step_seconds']:.3f} s (median)", "",
-             "| part | phase | seconds | share |", "| --- | --- | ---: | ---: |"]
+    lines = [
+        f"{result['case']}; {result['cpu_model']}, {result['threads']} threads: "
+        f"step {result['step_seconds']:.3f} s (median)",
+        "",
+        "| part | phase | seconds | share |",
+        "| --- | --- | ---: | ---: |",
+    ]
     lines += [f"| {r['part']} | {r['phase']} | {r['seconds']:.4f} | {100 * r['share']:.1f}% |" for r in result["parts"]]
     return "\n".join(lines)
 

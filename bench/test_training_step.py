@@ -75,7 +75,11 @@ def test_training_step(benchmark, memory_probe, case, path):
     peak = memory_probe.peak_bytes(step)
     benchmark.group = f"training step {case}"
     benchmark.extra_info.update(
-        op="training_step", case=case, mode="fwd+bwd+adamw", path=path, saved_for_backward_bytes=saved,
+        op="training_step",
+        case=case,
+        mode="fwd+bwd+adamw",
+        path=path,
+        saved_for_backward_bytes=saved,
         peak_memory_bytes=peak,
     )
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)

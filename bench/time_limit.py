@@ -19,8 +19,13 @@ class TimeLimitExceeded(Exception):
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--time-limit", type=float, default=0.0, metavar="SECONDS",
-                     help="fail a test whose setup, call or teardown takes longer than this (0: no limit)")
+    parser.addoption(
+        "--time-limit",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="fail a test whose setup, call or teardown takes longer than this (0: no limit)",
+    )
 
 
 def _limited(item: pytest.Item, phase: str) -> Generator[None, None, None]:

@@ -49,8 +49,10 @@ from flop_model import StepShape, step_macs  # noqa: E402
 
 GIB = 2**30
 PAPER_CASE = FLOP_CASES["llama3-8b B=16 T=64 (paper)"]
-SMOKE_CASE = ("tiny", StepShape(batch=4, seq_len=12, instruction_len=6, label_tokens=3, editor_layers=2, rank=8,
-                                intervention_layer=1))
+SMOKE_CASE = (
+    "tiny",
+    StepShape(batch=4, seq_len=12, instruction_len=6, label_tokens=3, editor_layers=2, rank=8, intervention_layer=1),
+)
 #: the pretend device of --smoke holds what memory_model.py predicts for this many pairs (plain step).
 SMOKE_PLAIN_PAIRS = 6
 MAX_PROBES = 8
@@ -63,9 +65,18 @@ def step_case(smoke: bool) -> tuple[str, StepShape]:
 
 def memory_step(shape: StepShape, **overrides) -> memory_model.Step:
     """memory_model's description of this step (plain PyTorch, bf16, fused attention unless overridden)."""
-    values = dict(batch=shape.batch, seq_len=shape.seq_len, instruction_len=shape.instruction_len,
-                  label_tokens=shape.label_tokens, editor_layers=shape.editor_layers, rank=shape.rank,
-                  intervention_layer=shape.intervention_layer, engine="plain", bf16=True, attention="fused")
+    values = dict(
+        batch=shape.batch,
+        seq_len=shape.seq_len,
+        instruction_len=shape.instruction_len,
+        label_tokens=shape.label_tokens,
+        editor_layers=shape.editor_layers,
+        rank=shape.rank,
+        intervention_layer=shape.intervention_layer,
+        engine="plain",
+        bf16=True,
+        attention="fused",
+    )
     values.update(overrides)
     return memory_model.Step(**values)
 
@@ -86,10 +97,16 @@ def new_engine(preset: str, target, shape: StepShape, fused: bool | None, checkp
     from hyperdas.train.config import RunConfig
     from hyperdas.train.engine import PlainEngine
 
-    config = HyperDASConfig(target=preset, intervention_layer=shape.intervention_layer, das_dimension=shape.rank,
-                            chop_editor_at_layer=shape.editor_layers, use_fused_kernels=fused,
-                            checkpoint_editor_layers=checkpoint, checkpoint_target_layers=checkpoint,
-                            torch_dtype="bfloat16")
+    config = HyperDASConfig(
+        target=preset,
+        intervention_layer=shape.intervention_layer,
+        das_dimension=shape.rank,
+        chop_editor_at_layer=shape.editor_layers,
+        use_fused_kernels=fused,
+        checkpoint_editor_layers=checkpoint,
+        checkpoint_target_layers=checkpoint,
+        torch_dtype="bfloat16",
+    )
     torch.manual_seed(0)
     with device:
         model = HyperDAS(config, target)
@@ -138,10 +155,22 @@ def benchmark_entry(case: str, path: str, fused: bool, times: list[float], info:
         "name": f"training_step_at_scale[{path}-{kernels}]",
         "group": f"training step {case}",
         "params": {"path": path, "fused": fused},
-        "stats": {"mean": statistics.fmean(times), "median": statistics.median(times), "min": min(times),
-                  "max": max(times), "stddev": statistics.pstdev(times), "rounds": len(times), "data": times},
-        "extra_info": {"op": "training_step", "case": f"{case}, {kernels} kernels", "mode": "fwd+bwd+adamw",
-                       "path": path, **info},
+        "stats": {
+            "mean": statistics.fmean(times),
+            "median": statistics.median(times),
+            "min": min(times),
+            "max": max(times),
+            "stddev": statistics.pstdev(times),
+            "rounds": len(times),
+            "data": times,
+        },
+        "extra_info": {
+            "op": "training_step",
+            "case": f"{case}, {kernels} kernels",
+            "mode": "fwd+bwd+adamw",
+            "path": path,
+            **info,
+        },
     }
 
 
@@ -164,7 +193,10 @@ class Probe:
 
 
 def search_largest_batch(
-    probe: Callable[[int], Probe], start: int, seconds_for: Callable[[int], float], time_left: Callable[[], float],
+    probe: Callable[[int], Probe],
+    start: int,
+    seconds_for: Callable[[int], float],
+    time_left: Callable[[], float],
     max_probes: int = MAX_PROBES,
 ) -> dict:
     """The largest batch for which ``probe`` fits: up from ``start`` by 1.5x to a failure (down by 2/3 to a fit),
@@ -216,20 +248,28 @@ class StepBenchmark:
         self.steps = steps
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.preset, self.shape = step_case(smoke)
-        self.case = f"{self.preset} B={self.shape.batch} T={self.shape.seq_len} L={self.shape.editor_layers} " \
-                    f"r={self.shape.rank} k={self.shape.intervention_layer} (random weights)"
+        self.case = (
+            f"{self.preset} B={self.shape.batch} T={self.shape.seq_len} L={self.shape.editor_layers} "
+            f"r={self.shape.rank} k={self.shape.intervention_layer} (random weights)"
+        )
         self.config = memory_model.target_config(self.preset)
         self.counts = memory_model.parameter_counts(self.preset, memory_step(self.shape))
         self.macs = {path: sum(parts.values()) for path, parts in step_macs(self.config, self.shape).items()}
         self.result: dict = {
             "machine_info": {
-                "device": device_name(), "device_kind": self.device.type, "driver": driver_version(),
-                "cuda_version": torch.version.cuda, "torch": torch.__version__,
-                "triton": package_version("triton"), "transformers": package_version("transformers"),
+                "device": device_name(),
+                "device_kind": self.device.type,
+                "driver": driver_version(),
+                "cuda_version": torch.version.cuda,
+                "torch": torch.__version__,
+                "triton": package_version("triton"),
+                "transformers": package_version("transformers"),
                 "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             },
             "case": {"preset": self.preset, "shape": asdict(self.shape), "smoke": smoke},
-            "benchmarks": [], "largest_batch": [], "errors": [],
+            "benchmarks": [],
+            "largest_batch": [],
+            "errors": [],
         }
         self.seconds_per_pair: float | None = None
 
@@ -283,8 +323,11 @@ class StepBenchmark:
             self.seconds_per_pair = mean / self.shape.batch
         self.result["benchmarks"].append(benchmark_entry(self.case, path, fused, times, info))
         self.save()
-        print(f"{what}: {mean:.3f} s ({info['pairs_per_second']:.1f} pairs/s), peak "
-              f"{'—' if peak is None else f'{peak / GIB:.2f} GiB'}", flush=True)
+        print(
+            f"{what}: {mean:.3f} s ({info['pairs_per_second']:.1f} pairs/s), peak "
+            f"{'—' if peak is None else f'{peak / GIB:.2f} GiB'}",
+            flush=True,
+        )
 
     # --- the largest batch ----------------------------------------------------------------------------
     def free(self) -> None:
@@ -306,8 +349,11 @@ class StepBenchmark:
             # the first search may use half of the time left, the second the rest
             deadline = self.deadline - (0 if checkpoint else self.time_left() / 2)
             entry = self.search(target, name, checkpoint, capacity, what, deadline)
-            print(f"largest batch, {name}: {entry.get('largest_fit')} (predicted {entry['predicted_largest']}; "
-                  f"{entry.get('stopped', 'failed')})", flush=True)
+            print(
+                f"largest batch, {name}: {entry.get('largest_fit')} (predicted {entry['predicted_largest']}; "
+                f"{entry.get('stopped', 'failed')})",
+                flush=True,
+            )
         plain, checkpointed = (entry.get("largest_fit") for entry in self.result["largest_batch"])
         if plain and checkpointed:
             self.result["batch_ratio_checkpointed_over_plain"] = checkpointed / plain
@@ -316,11 +362,22 @@ class StepBenchmark:
     def search(self, target, name: str, checkpoint: bool, capacity: int, what: str, deadline: float) -> dict:
         """One bounded search; its entry in the results grows (and is saved) probe by probe."""
         # the fused kernels where they are the default (CUDA); the PyTorch path on CPU
-        step = memory_step(self.shape, checkpoint_editor=checkpoint, checkpoint_target=checkpoint,
-                           attention="fused" if self.device.type == "cuda" else "sdpa")
+        step = memory_step(
+            self.shape,
+            checkpoint_editor=checkpoint,
+            checkpoint_target=checkpoint,
+            attention="fused" if self.device.type == "cuda" else "sdpa",
+        )
         predicted = memory_model.largest_batch(self.preset, step, capacity / GIB)
-        entry = {"setting": name, "checkpoint_editor": checkpoint, "checkpoint_target": checkpoint,
-                 "capacity_bytes": capacity, "capacity": what, "predicted_largest": predicted, "probes": []}
+        entry = {
+            "setting": name,
+            "checkpoint_editor": checkpoint,
+            "checkpoint_target": checkpoint,
+            "capacity_bytes": capacity,
+            "capacity": what,
+            "predicted_largest": predicted,
+            "probes": [],
+        }
         self.result["largest_batch"].append(entry)
         per_pair = (self.seconds_per_pair or 0.05) * (1.5 if checkpoint else 1.0)  # recomputation costs ~1.5x
 
@@ -332,11 +389,14 @@ class StepBenchmark:
 
         try:
             engine = new_engine(self.preset, target, self.shape, None, checkpoint, self.device)
-            entry.update(search_largest_batch(
-                probe, predicted,
-                seconds_for=lambda batch: 2.0 + 2 * per_pair * batch,  # with a 2x margin for the estimate
-                time_left=lambda: deadline - time.monotonic(),
-            ))
+            entry.update(
+                search_largest_batch(
+                    probe,
+                    predicted,
+                    seconds_for=lambda batch: 2.0 + 2 * per_pair * batch,  # with a 2x margin for the estimate
+                    time_left=lambda: deadline - time.monotonic(),
+                )
+            )
         except Exception as err:  # noqa: BLE001 - recorded; the other setting still runs
             self.error(f"largest batch, {name}", err)
         engine = None

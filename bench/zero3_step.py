@@ -73,13 +73,18 @@ def run(config_name: str, smoke: bool, steps: int) -> dict:
     if smoke:
         zero.pop("offload_optimizer", None)
     offload = {(False, False): "none", (False, True): "optimizer", (True, True): "all"}.get(
-        ("offload_param" in zero, "offload_optimizer" in zero), "param")
+        ("offload_param" in zero, "offload_optimizer" in zero), "param"
+    )
     single_process_environment()
     if not cuda:
         skip_cpu_shared_memory_op()
     init_distributed()
-    model_config = HyperDASConfig(target=preset, intervention_layer=shape.intervention_layer, das_dimension=shape.rank,
-                                  chop_editor_at_layer=shape.editor_layers)
+    model_config = HyperDASConfig(
+        target=preset,
+        intervention_layer=shape.intervention_layer,
+        das_dimension=shape.rank,
+        chop_editor_at_layer=shape.editor_layers,
+    )
     run_config = RunConfig(model=model_config, global_batch_size=shape.batch, precision="auto")
     ds = resolve_ds_config(raw, run_config, 1, "cuda" if cuda else "cpu")
     bf16 = ds["bf16"]["enabled"]
@@ -106,8 +111,14 @@ def run(config_name: str, smoke: bool, steps: int) -> dict:
     measured_states = memory_model.measured_state_bytes(engine, "cuda" if cuda else None)
     predicted_states = model_state_bytes(counts, ds, 1, 2 if bf16 else 4)
     result = {
-        "status": "ok", "config": config_name, "offload": offload, "bf16": bf16, "preset": preset,
-        "shape": asdict(shape), "step_seconds": times, "losses": losses,
+        "status": "ok",
+        "config": config_name,
+        "offload": offload,
+        "bf16": bf16,
+        "preset": preset,
+        "shape": asdict(shape),
+        "step_seconds": times,
+        "losses": losses,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "predicted_peak_bytes": memory_model.predict(preset, step, counts)["total"],
         "state_bytes": {"measured": measured_states, "predicted": predicted_states},
@@ -120,8 +131,9 @@ def run(config_name: str, smoke: bool, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=["zero3", "zero3_offload"], default="zero3",
-                        help="the DeepSpeed JSON in train/configs/")
+    parser.add_argument(
+        "--config", choices=["zero3", "zero3_offload"], default="zero3", help="the DeepSpeed JSON in train/configs/"
+    )
     parser.add_argument("--json", type=Path, required=True, help="where to write the result")
     parser.add_argument("--smoke", action="store_true", help="the tiny Llama on CPU: a quick check of this script")
     parser.add_argument("--steps", type=int, default=3, help="training steps (the first allocates the optimizer)")

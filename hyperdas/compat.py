@@ -1,14 +1,14 @@
 """The names of the authors' code, so the seed README's usage works with only the import path changed:
 
-    from hyperdas.compat import LlamaInterpreterConfig, LlamaInterpreter
-    config = LlamaInterpreterConfig.from_pretrained("meta-llama/Meta-Llama-3-8B")
-    config.torch_dtype = torch.bfloat16
-    config.num_editing_heads = 32
-    config.chop_editor_at_layer = 4
-    config.intervention_layer = 20
-    config._attn_implementation = "eager"
-    config.initialize_from_scratch = True
-    interpreter = LlamaInterpreter(config, subspace_module="ReflectSelect", das_dimension=2)
+from hyperdas.compat import LlamaInterpreterConfig, LlamaInterpreter
+config = LlamaInterpreterConfig.from_pretrained("meta-llama/Meta-Llama-3-8B")
+config.torch_dtype = torch.bfloat16
+config.num_editing_heads = 32
+config.chop_editor_at_layer = 4
+config.intervention_layer = 20
+config._attn_implementation = "eager"
+config.initialize_from_scratch = True
+interpreter = LlamaInterpreter(config, subspace_module="ReflectSelect", das_dimension=2)
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ class LlamaInterpreterConfig(HyperDASConfig):
     @_attn_implementation.setter
     def _attn_implementation(self, value: str) -> None:
         self.attn_implementation = value
-
 
 
 def LlamaInterpreter(  # noqa: N802 (the authors' class name, kept as a factory)

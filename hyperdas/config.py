@@ -229,8 +229,9 @@ class HyperDASConfig:
         if self.chop_editor_at_layer < 1:
             raise ValueError(f"chop_editor_at_layer must be >= 1, got {self.chop_editor_at_layer}")
         if self.editor_symmetric and self.editor_reads != EditorReads.both:
-            raise ValueError(f"editor_symmetric reads both runs with one block: it needs editor_reads=both, "
-                             f"got {self.editor_reads}")
+            raise ValueError(
+                f"editor_symmetric reads both runs with one block: it needs editor_reads=both, got {self.editor_reads}"
+            )
         if self.num_editing_heads is not None and self.num_editing_heads < 1:
             raise ValueError(f"num_editing_heads must be >= 1 or None, got {self.num_editing_heads}")
         if not 0 < self.mask_temperature_end <= self.mask_temperature_start:

@@ -108,8 +108,14 @@ class EditorLayer(nn.Module):
     norm and weights shared by the two reads) instead of one block each.
     """
 
-    def __init__(self, decoder_layer: nn.Module, config, reads_source: bool = True, reads_base: bool = True,
-                 symmetric: bool = False):
+    def __init__(
+        self,
+        decoder_layer: nn.Module,
+        config,
+        reads_source: bool = True,
+        reads_base: bool = True,
+        symmetric: bool = False,
+    ):
         super().__init__()
         if symmetric and not (reads_source and reads_base):
             raise ValueError("a symmetric editor reads both runs: it needs reads_source and reads_base")
@@ -119,8 +125,9 @@ class EditorLayer(nn.Module):
         own = copy.deepcopy  # every block gets its own copy of the weights it starts from
 
         def cross():
-            return own(decoder_layer.input_layernorm), CrossAttention(own(decoder_layer.self_attn), heads, kv_heads,
-                                                                      head_dim)
+            return own(decoder_layer.input_layernorm), CrossAttention(
+                own(decoder_layer.self_attn), heads, kv_heads, head_dim
+            )
 
         self.self_attn_norm = own(decoder_layer.input_layernorm)
         self.self_attn = own(decoder_layer.self_attn)
@@ -140,8 +147,9 @@ class EditorLayer(nn.Module):
         x = x + (attn[0] if isinstance(attn, tuple) else attn)
         if self.source_attn is not None:
             x = x + self.source_attn(self.source_norm(x), q_positions, source, inv_freq, backend)
-        base_norm, base_attn = (self.source_norm, self.source_attn) if self.symmetric else (self.base_norm,
-                                                                                              self.base_attn)
+        base_norm, base_attn = (
+            (self.source_norm, self.source_attn) if self.symmetric else (self.base_norm, self.base_attn)
+        )
         if base_attn is not None:
             x = x + base_attn(base_norm(x), q_positions, base, inv_freq, backend)
         return x + self.mlp(self.mlp_norm(x))
@@ -162,8 +170,16 @@ def _fresh_like(layer: nn.Module, config, index: int) -> nn.Module:
 class Editor(nn.Module):
     """The hypernetwork: instruction tokens in, encoding e (B, D) out (final-normed last instruction token)."""
 
-    def __init__(self, target: FrozenTarget, num_layers: int, from_scratch: bool, trainable_embeddings: bool,
-                 reads_source: bool = True, reads_base: bool = True, symmetric: bool = False):
+    def __init__(
+        self,
+        target: FrozenTarget,
+        num_layers: int,
+        from_scratch: bool,
+        trainable_embeddings: bool,
+        reads_source: bool = True,
+        reads_base: bool = True,
+        symmetric: bool = False,
+    ):
         super().__init__()
         config = target.config
         rope_scale = getattr(target.rotary_emb, "attention_scaling", 1.0)

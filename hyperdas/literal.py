@@ -170,8 +170,11 @@ def _soft_selection(model: HyperDAS, encoding, h, s, batch) -> torch.Tensor:
     c = torch.cat([pairs @ w_c.t(), b_hat[:, None]], dim=1)  # (B, Ts+1, Tb, D)
     keys = (c @ head.key_proj.weight.t()).view(b, ts + 1, tb, heads, hd)
     base_positions = _real_positions(batch["base_attention_mask"])  # (B, Tb)
-    keys = _rope(keys.permute(0, 3, 1, 2, 4).reshape(b, heads, (ts + 1) * tb, hd),
-                 base_positions[:, None, :].expand(b, ts + 1, tb).reshape(b, (ts + 1) * tb), inv_freq)
+    keys = _rope(
+        keys.permute(0, 3, 1, 2, 4).reshape(b, heads, (ts + 1) * tb, hd),
+        base_positions[:, None, :].expand(b, ts + 1, tb).reshape(b, (ts + 1) * tb),
+        inv_freq,
+    )
     keys = keys.view(b, heads, ts + 1, tb, hd)
     query = (encoding @ head.query_proj.weight.t()).view(b, heads, 1, hd)
     query_position = _real_positions(batch["instruction_attention_mask"])[:, -1:]  # (B, 1)
@@ -179,9 +182,9 @@ def _soft_selection(model: HyperDAS, encoding, h, s, batch) -> torch.Tensor:
     logits = _wide(torch.einsum("bhd,bhijd->bij", query, keys)) / (heads * math.sqrt(hd))
     logits = logits / model.selection_temperature  # the annealed selection temperature τ
     allowed = torch.ones_like(logits, dtype=torch.bool)
-    allowed[:, :ts] = batch["source_intervention_mask"].bool()[:, :, None] & batch["base_intervention_mask"].bool()[
-        :, None, :
-    ]
+    allowed[:, :ts] = (
+        batch["source_intervention_mask"].bool()[:, :, None] & batch["base_intervention_mask"].bool()[:, None, :]
+    )
     return logits.masked_fill(~allowed, float("-inf")).softmax(dim=1)
 
 
@@ -276,8 +279,9 @@ def _label_loss(logits: torch.Tensor, batch: dict, weights: LossWeights | None) 
     picked = log_probs.gather(-1, labels.clamp_min(0)[..., None])[..., 0]  # (B, P)
     per_example = -(picked * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
     is_causal = batch["is_causal"].bool()
-    weight = torch.tensor([causal if c else isolate for c in is_causal.tolist()], dtype=per_example.dtype,
-                          device=per_example.device)
+    weight = torch.tensor(
+        [causal if c else isolate for c in is_causal.tolist()], dtype=per_example.dtype, device=per_example.device
+    )
     return (weight * per_example).mean()
 
 

@@ -130,7 +130,9 @@ def weighted_label_loss(
 def load_configured_target(config: HyperDASConfig, device: str | torch.device | None = None) -> FrozenTarget:
     """The frozen target ``config`` names, in its dtype and with its attention kernel."""
     return load_target(
-        config.target, dtype=getattr(torch, config.torch_dtype), device=device,
+        config.target,
+        dtype=getattr(torch, config.torch_dtype),
+        device=device,
         attn_implementation=config.attn_implementation,
     )
 
@@ -158,9 +160,12 @@ class HyperDAS(nn.Module):
         d = target.hidden_size
         heads = config.num_editing_heads or target.config.num_attention_heads
         self.editor = Editor(
-            target if editor_source is None else editor_source, config.chop_editor_at_layer,
-            config.initialize_from_scratch, not config.freeze_editor_embeddings,
-            reads_source=config.editor_reads != "base", reads_base=config.editor_reads != "source",
+            target if editor_source is None else editor_source,
+            config.chop_editor_at_layer,
+            config.initialize_from_scratch,
+            not config.freeze_editor_embeddings,
+            reads_source=config.editor_reads != "base",
+            reads_base=config.editor_reads != "source",
             symmetric=config.editor_symmetric,
         )
         self.editor.gradient_checkpointing = config.checkpoint_editor_layers
@@ -323,7 +328,11 @@ class HyperDAS(nn.Module):
     def select(self, batch: dict, encoded: Encoded, mode: str) -> torch.Tensor:
         """The selection ``mode`` makes of the soft A: (B, Ts+1, Tb)."""
         return apply_selection_mode(
-            encoded.soft, mode, encoded.base_mask, encoded.source_mask, batch.get("base_entity_last"),
+            encoded.soft,
+            mode,
+            encoded.base_mask,
+            encoded.source_mask,
+            batch.get("base_entity_last"),
             batch.get("source_entity_last"),
         )
 
@@ -416,8 +425,10 @@ class HyperDAS(nn.Module):
                 meta = handle.metadata() or {}
             state = load_file(str(weights_path))
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"{weights_path} cannot be read ({err}): the file is damaged; export the model "
-                             "again (hyperdas train resume=RUN finishes and exports a run)") from err
+            raise ValueError(
+                f"{weights_path} cannot be read ({err}): the file is damaged; export the model "
+                "again (hyperdas train resume=RUN finishes and exports a run)"
+            ) from err
         if target is not None:
             saved = (int(meta.get("hidden_size", -1)), int(meta.get("num_layers", -1)))
             if saved != (target.hidden_size, target.num_layers):

@@ -92,8 +92,13 @@ def render_report(metrics: dict, history: list[dict], run_config, figures: dict[
         figures: "heatmap", "positions", "pca" -> file names of the figures written beside the report.
     """
     figures = figures or {}
-    parts = ["# HyperDAS run report", "", "Held-out templates (test split), teacher-forced exact match of the "
-             "first 3 label tokens. Overall = mean over attributes; disentangle = (cause + isolate) / 2.", ""]
+    parts = [
+        "# HyperDAS run report",
+        "",
+        "Held-out templates (test split), teacher-forced exact match of the "
+        "first 3 label tokens. Overall = mean over attributes; disentangle = (cause + isolate) / 2.",
+        "",
+    ]
     parts += [f"- **{name}**: {note}" for name, note in REFERENCE_NOTES.items() if name in metrics]
     parts += ["", metrics_table(metrics), ""]
     parts += above_floor(metrics) + [""]
@@ -160,8 +165,11 @@ def baseline_report(metrics: dict, config: dict, seconds: float) -> str:
         "Held-out templates (test split), teacher-forced exact match of the first 3 label tokens, the same pairs and "
         "metric as the HyperDAS run with this run config. One rotated subspace of rank "
         f"{config['rank']} per attribute at the last entity token (pyvene's LowRankRotatedSpaceIntervention); "
-        + ("trained on the attribute's causal examples only." if method == "das" else
-           "trained on the attribute's causal and isolate examples."),
+        + (
+            "trained on the attribute's causal examples only."
+            if method == "das"
+            else "trained on the attribute's causal and isolate examples."
+        ),
         "",
         f"- **floor**: {REFERENCE_NOTES['floor']}",
         "- **ceiling@Lk**: " + REFERENCE_NOTES["ceiling"] + " at layer k",
@@ -278,10 +286,10 @@ def save_selection_heatmaps(entries: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(entries), figsize=(4.2 * len(entries), 4.6), squeeze=False)
     for ax, entry in zip(axes[0], entries, strict=True):
         ax.imshow(entry["selection"], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(entry["base_tokens"])), [repr(t)[1:-1] for t in entry["base_tokens"]], rotation=90,
-                      fontsize=7)
-        ax.set_yticks(range(len(entry["source_tokens"])), [repr(t)[1:-1] for t in entry["source_tokens"]],
-                      fontsize=7)
+        ax.set_xticks(
+            range(len(entry["base_tokens"])), [repr(t)[1:-1] for t in entry["base_tokens"]], rotation=90, fontsize=7
+        )
+        ax.set_yticks(range(len(entry["source_tokens"])), [repr(t)[1:-1] for t in entry["source_tokens"]], fontsize=7)
         ax.set_xlabel("base token")
         ax.set_ylabel("source token (+ SELF)")
         ax.set_title(entry["title"], fontsize=9)

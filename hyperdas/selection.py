@@ -75,8 +75,16 @@ class SelectionHead(nn.Module):
         )  # (B, Ts, H, hd)
         query = self.query_proj(encoding).view(encoding.shape[0], self.num_heads, self.head_dim)  # (B, H, hd)
         return selection_head(
-            base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask,
-            source_mask, use_triton=use_triton,
+            base_keys,
+            source_keys,
+            self_keys,
+            query,
+            base_positions,
+            query_positions,
+            inv_freq,
+            base_mask,
+            source_mask,
+            use_triton=use_triton,
         )
 
 

@@ -31,8 +31,9 @@ POSITION_CLASSES = ("before", "entity", "last", "after")
 def _classes(length: int, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """(B, length) class index of every position: 0 before the entity, 1 entity, 2 its last token, 3 after."""
     pos = torch.arange(length)[None]
-    return torch.where(pos < first[:, None], 0, torch.where(pos < last[:, None], 1, torch.where(
-        pos == last[:, None], 2, 3)))
+    return torch.where(
+        pos < first[:, None], 0, torch.where(pos < last[:, None], 1, torch.where(pos == last[:, None], 2, 3))
+    )
 
 
 def selection_stats(selection: torch.Tensor, batch: Mapping[str, object]) -> list[dict[str, object]]:

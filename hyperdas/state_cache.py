@@ -70,8 +70,10 @@ def plan_storage(nbytes: int, requested: str, folder: Path) -> StoragePlan:
     if requested == "disk" or nbytes <= DISK_SHARE * disk:
         return StoragePlan("disk", nbytes, f"state cache: {gib:.2f} GiB memory-mapped under {folder}")
     return StoragePlan(
-        "off", nbytes, f"state cache off: {gib:.2f} GiB fits neither memory ({memory / 2**30:.1f} GiB free) nor disk "
-        f"({disk / 2**30:.1f} GiB free under {folder}); the target runs every step"
+        "off",
+        nbytes,
+        f"state cache off: {gib:.2f} GiB fits neither memory ({memory / 2**30:.1f} GiB free) nor disk "
+        f"({disk / 2**30:.1f} GiB free under {folder}); the target runs every step",
     )
 
 

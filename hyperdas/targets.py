@@ -75,8 +75,7 @@ def architecture_of(config) -> ArchitectureMap:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise UnsupportedTargetError(
-            f"target architecture {model_type!r} is not supported; supported model_type values: "
-            f"{sorted(ARCHITECTURES)}"
+            f"target architecture {model_type!r} is not supported; supported model_type values: {sorted(ARCHITECTURES)}"
         )
     return ARCHITECTURES[model_type]
 
@@ -426,8 +425,9 @@ def load_target(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, RuntimeError) as err:  # a damaged or missing weights file
         cached = name_or_path == EMBEDDED_DEFAULT
-        advice = (f"delete {source} and it is converted again from the GGUF" if cached
-                  else "check the folder's weight files")
+        advice = (
+            f"delete {source} and it is converted again from the GGUF" if cached else "check the folder's weight files"
+        )
         raise UnsupportedTargetError(
             f"cannot load the weights of target {name_or_path!r} from {source}: {str(err).splitlines()[0]}; {advice}"
         ) from err
@@ -447,4 +447,3 @@ def build_random_target(config, tokenizer=None, dtype: torch.dtype = torch.float
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return FrozenTarget(model, tokenizer, f"random-{config.model_type}", arch)
-

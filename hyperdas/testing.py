@@ -35,6 +35,7 @@ def tiny_llama_config(vocab_size: int, **overrides):
     values.update(overrides)
     return LlamaConfig(**values)
 
+
 def make_batch(vocab_size: int, batch: int = 3, tb: int = 9, ts: int = 7, te: int = 5, labels: int = 2, seed: int = 0):
     """A left-padded batch: base = prompt + labels, source = prompt, instruction; row b is b tokens shorter."""
     g = torch.Generator().manual_seed(seed)

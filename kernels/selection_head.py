@@ -94,12 +94,18 @@ def _check_inputs(
     }
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (B={B}, Ts={Ts}, Tb={Tb}, H={H}, hd={hd}), "
-                             f"got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name} must have shape {shape} (B={B}, Ts={Ts}, Tb={Tb}, H={H}, hd={hd}), got {tuple(tensor.shape)}"
+            )
     if Ts < 1 or Tb < 1:
         raise ValueError(f"need at least one source and one base token, got Ts={Ts}, Tb={Tb}")
-    for name, tensor in (("base_keys", base_keys), ("source_keys", source_keys), ("self_keys", self_keys),
-                         ("query", query), ("inv_freq", inv_freq)):
+    for name, tensor in (
+        ("base_keys", base_keys),
+        ("source_keys", source_keys),
+        ("self_keys", self_keys),
+        ("query", query),
+        ("inv_freq", inv_freq),
+    ):
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
     for name, tensor in (("base_positions", base_positions), ("query_positions", query_positions)):
@@ -108,8 +114,20 @@ def _check_inputs(
     for name, tensor in (("base_mask", base_mask), ("source_mask", source_mask)):
         if tensor.dtype != torch.bool:
             raise ValueError(f"{name} must be a bool tensor, got dtype {tensor.dtype}")
-    devices = {t.device for t in (base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq,
-                                  base_mask, source_mask)}
+    devices = {
+        t.device
+        for t in (
+            base_keys,
+            source_keys,
+            self_keys,
+            query,
+            base_positions,
+            query_positions,
+            inv_freq,
+            base_mask,
+            source_mask,
+        )
+    }
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
     return B, Ts, Tb, H, hd
@@ -188,8 +206,9 @@ def selection_head_naive(
     Returns:
         A: (B, Ts+1, Tb) float32 (float64 when the inputs are float64); every column sums to 1.
     """
-    B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions,
-                                     query_positions, inv_freq, base_mask, source_mask)
+    B, Ts, Tb, H, hd = _check_inputs(
+        base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask, source_mask
+    )
     dtype = _work_dtype(base_keys, source_keys, self_keys, query, inv_freq)
     pair_keys = base_keys.to(dtype)[:, None] + source_keys.to(dtype)[:, :, None]  # (B, Ts, Tb, H, hd)
     pair_keys = rope_rotate(pair_keys, base_positions[:, None, :], inv_freq)
@@ -219,8 +238,9 @@ def selection_head_torch(
     i < Ts, logit_Ts,j = q̃_j . kself_j / (H sqrt(hd)); masked and column-softmaxed as in
     `selection_head_naive`. Arguments and result are those of `selection_head_naive`.
     """
-    B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions,
-                                     query_positions, inv_freq, base_mask, source_mask)
+    B, Ts, Tb, H, hd = _check_inputs(
+        base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask, source_mask
+    )
     dtype = _work_dtype(base_keys, source_keys, self_keys, query, inv_freq)
     scale = 1.0 / (H * math.sqrt(hd))
     relative = base_positions - query_positions[:, None]  # (B, Tb): RoPE_{p_q} then RoPE_{p_j}ᵀ
@@ -272,10 +292,24 @@ def _rotated_query(q_ptr, cos_ptr, sin_ptr, b, offs_j, lo, hi, r, f_ok, Tb, P, H
 
 @triton.jit
 def _selection_fwd_kernel(
-    kb_ptr, ks_ptr, kself_ptr, q_ptr, cos_ptr, sin_ptr, bmask_ptr, smask_ptr, out_ptr,
-    Ts, Tb, P, scale,
-    HALF: tl.constexpr, HD: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
+    kb_ptr,
+    ks_ptr,
+    kself_ptr,
+    q_ptr,
+    cos_ptr,
+    sin_ptr,
+    bmask_ptr,
+    smask_ptr,
+    out_ptr,
+    Ts,
+    Tb,
+    P,
+    scale,
+    HALF: tl.constexpr,
+    HD: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     """Forward for one batch row b and a tile of BLOCK_J base columns; writes A[b, :, j-tile].
 
@@ -343,7 +377,15 @@ def _selection_fwd_kernel(
 
 @triton.jit
 def _softmax_bwd_kernel(
-    a_ptr, da_ptr, g_ptr, gsum_ptr, Ts, Tb, scale, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    a_ptr,
+    da_ptr,
+    g_ptr,
+    gsum_ptr,
+    Ts,
+    Tb,
+    scale,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     """Column-softmax backward for one batch row and a tile of columns, with the logit scale folded in.
 
@@ -379,9 +421,19 @@ def _softmax_bwd_kernel(
 
 @triton.jit
 def _source_bwd_kernel(
-    g_ptr, q_ptr, cos_ptr, sin_ptr, dks_ptr, Ts, Tb, P,
-    HALF: tl.constexpr, HD: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
+    g_ptr,
+    q_ptr,
+    cos_ptr,
+    sin_ptr,
+    dks_ptr,
+    Ts,
+    Tb,
+    P,
+    HALF: tl.constexpr,
+    HD: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     """d ks_i = Σ_j G_ij q̃_j for a tile of source rows and a tile of RoPE pairs (a (Ts x Tb)(Tb x D) matmul)."""
     b = tl.program_id(0).to(tl.int64)
@@ -406,10 +458,25 @@ def _source_bwd_kernel(
 
 @triton.jit
 def _base_bwd_kernel(
-    g_ptr, gsum_ptr, kb_ptr, ks_ptr, kself_ptr, q_ptr, cos_ptr, sin_ptr, dkb_ptr, dkself_ptr, dq_ptr,
-    Ts, Tb, P,
-    HALF: tl.constexpr, HD: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
+    g_ptr,
+    gsum_ptr,
+    kb_ptr,
+    ks_ptr,
+    kself_ptr,
+    q_ptr,
+    cos_ptr,
+    sin_ptr,
+    dkb_ptr,
+    dkself_ptr,
+    dq_ptr,
+    Ts,
+    Tb,
+    P,
+    HALF: tl.constexpr,
+    HD: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     """Column-side gradients for one batch row and a tile of RoPE pairs, looping over every base column.
 
@@ -432,8 +499,11 @@ def _base_bwd_kernel(
         for i0 in range(0, Ts, BLOCK_I):
             offs_i = i0 + tl.arange(0, BLOCK_I)
             i_ok = offs_i < Ts
-            g_t = tl.load(g_ptr + (b * (Ts + 1) + offs_i)[None, :] * Tb + offs_j[:, None],
-                          mask=j_ok[:, None] & i_ok[None, :], other=0.0)  # (J, I) = Gᵀ
+            g_t = tl.load(
+                g_ptr + (b * (Ts + 1) + offs_i)[None, :] * Tb + offs_j[:, None],
+                mask=j_ok[:, None] & i_ok[None, :],
+                other=0.0,
+            )  # (J, I) = Gᵀ
             rows = (b * Ts + offs_i)[:, None] * D
             if_ok = i_ok[:, None] & f_ok[None, :]
             ks1 = tl.load(ks_ptr + rows + lo[None, :], mask=if_ok, other=0.0).to(tl.float32)  # (I, F)
@@ -485,11 +555,15 @@ def _check_triton(*tensors: torch.Tensor) -> None:
     """The Triton path needs CUDA tensors (or Triton's CPU interpreter) and a dtype it supports."""
     for tensor in tensors:
         if tensor.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"the Triton selection head takes float32, bfloat16 or float16 keys and query, got "
-                             f"{tensor.dtype}; use use_triton=False for other dtypes")
+            raise ValueError(
+                f"the Triton selection head takes float32, bfloat16 or float16 keys and query, got "
+                f"{tensor.dtype}; use use_triton=False for other dtypes"
+            )
     if not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"the Triton selection head needs CUDA tensors (got device {tensors[0].device}) or "
-                           "TRITON_INTERPRET=1 set before triton is imported; use use_triton=False on CPU")
+        raise RuntimeError(
+            f"the Triton selection head needs CUDA tensors (got device {tensors[0].device}) or "
+            "TRITON_INTERPRET=1 set before triton is imported; use use_triton=False on CPU"
+        )
 
 
 class SelectionHeadFunction(torch.autograd.Function):
@@ -515,19 +589,33 @@ class SelectionHeadFunction(torch.autograd.Function):
         base_mask: torch.Tensor,
         source_mask: torch.Tensor,
     ) -> torch.Tensor:
-        B, Ts, Tb, H, hd = _check_inputs(base_keys, source_keys, self_keys, query, base_positions,
-                                         query_positions, inv_freq, base_mask, source_mask)
+        B, Ts, Tb, H, hd = _check_inputs(
+            base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask, source_mask
+        )
         _check_triton(base_keys, source_keys, self_keys, query)
         kb, ks, kself, q = (t.contiguous() for t in (base_keys, source_keys, self_keys, query))
         cos, sin = _rope_tables(base_positions - query_positions[:, None], inv_freq)  # relative to the query
         scores = _alloc((B, Ts + 1, Tb), torch.float32, kb.device)
         block_j = _tile(Tb, BLOCK_J_MAX)
         _selection_fwd_kernel[(B, triton.cdiv(Tb, block_j))](
-            kb, ks, kself, q, cos, sin, base_mask.to(torch.int8).contiguous(),
-            source_mask.to(torch.int8).contiguous(), scores,
-            Ts, Tb, H * hd // 2, 1.0 / (H * math.sqrt(hd)),
-            HALF=hd // 2, HD=hd,
-            BLOCK_I=_tile(Ts, BLOCK_I_MAX), BLOCK_J=block_j, BLOCK_F=_tile(H * hd // 2, BLOCK_F_MAX),
+            kb,
+            ks,
+            kself,
+            q,
+            cos,
+            sin,
+            base_mask.to(torch.int8).contiguous(),
+            source_mask.to(torch.int8).contiguous(),
+            scores,
+            Ts,
+            Tb,
+            H * hd // 2,
+            1.0 / (H * math.sqrt(hd)),
+            HALF=hd // 2,
+            HD=hd,
+            BLOCK_I=_tile(Ts, BLOCK_I_MAX),
+            BLOCK_J=block_j,
+            BLOCK_F=_tile(H * hd // 2, BLOCK_F_MAX),
         )
         ctx.save_for_backward(kb, ks, kself, q, cos, sin, scores)
         return scores
@@ -545,8 +633,15 @@ class SelectionHeadFunction(torch.autograd.Function):
         grad_logits = _alloc((B, Ts + 1, Tb), torch.float32, device)  # G, with the logit scale folded in
         grad_sum = _alloc((B, Tb), torch.float32, device)  # Σ_{i<Ts} G_ij
         _softmax_bwd_kernel[(B, triton.cdiv(Tb, block_j))](
-            scores, grad_scores.contiguous(), grad_logits, grad_sum, Ts, Tb, 1.0 / (H * math.sqrt(hd)),
-            BLOCK_I=block_i, BLOCK_J=block_j,
+            scores,
+            grad_scores.contiguous(),
+            grad_logits,
+            grad_sum,
+            Ts,
+            Tb,
+            1.0 / (H * math.sqrt(hd)),
+            BLOCK_I=block_i,
+            BLOCK_J=block_j,
         )
         d_source = None
         if ctx.needs_input_grad[1]:
@@ -561,8 +656,17 @@ class SelectionHeadFunction(torch.autograd.Function):
             grad_logits, grad_sum, kb, ks, kself, q, cos, sin, d_base, d_self, d_query, Ts, Tb, P, **consts
         )
         needs = ctx.needs_input_grad
-        return (d_base if needs[0] else None, d_source, d_self if needs[2] else None, d_query if needs[3] else None,
-                None, None, None, None, None)
+        return (
+            d_base if needs[0] else None,
+            d_source,
+            d_self if needs[2] else None,
+            d_query if needs[3] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -595,8 +699,7 @@ def selection_head(
         use_triton = base_keys.is_cuda and all(
             t.dtype in _TRITON_DTYPES for t in (base_keys, source_keys, self_keys, query)
         )
-    args = (base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask,
-            source_mask)
+    args = (base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask, source_mask)
     if use_triton:
         return SelectionHeadFunction.apply(*args)
     return selection_head_torch(*args)
@@ -626,8 +729,18 @@ class SelectionHead(nn.Module):
         source_mask: torch.Tensor,
     ) -> torch.Tensor:
         """A (B, Ts+1, Tb) float32; see `selection_head_naive` for the arguments."""
-        return selection_head(base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq,
-                              base_mask, source_mask, use_triton=self.use_triton)
+        return selection_head(
+            base_keys,
+            source_keys,
+            self_keys,
+            query,
+            base_positions,
+            query_positions,
+            inv_freq,
+            base_mask,
+            source_mask,
+            use_triton=self.use_triton,
+        )
 
     def extra_repr(self) -> str:
         return f"use_triton={self.use_triton}"

@@ -57,9 +57,15 @@ def run(args: argparse.Namespace) -> int:
     run_config = load_run_config(args.config, args.overrides)
     model = run_config.model
     config = BaselineConfig(
-        method=args.method, layers=_layers(args.layers), rank=args.rank or model.das_dimension, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, causal_weight=run_config.loss.causal_loss_weight,
-        isolate_weight=run_config.loss.iso_loss_weight, eval_batch_size=run_config.eval_batch_size,
+        method=args.method,
+        layers=_layers(args.layers),
+        rank=args.rank or model.das_dimension,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        causal_weight=run_config.loss.causal_loss_weight,
+        isolate_weight=run_config.loss.iso_loss_weight,
+        eval_batch_size=run_config.eval_batch_size,
         seed=run_config.seed,
     )
     shape = target_config(model.target)

@@ -28,8 +28,18 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "smollm2_city.yaml"
 RUN_CONFIG_FILE = "run_config.yaml"
 #: keys that `resume=` may change: how long to train on, how to log, save and evaluate.
-RESUMABLE = ("resume", "max_steps", "epochs", "log_every", "save_every", "eval_batch_size", "eval_max_examples",
-             "eval_modes", "heatmap_examples", "state_cache")
+RESUMABLE = (
+    "resume",
+    "max_steps",
+    "epochs",
+    "log_every",
+    "save_every",
+    "eval_batch_size",
+    "eval_max_examples",
+    "eval_modes",
+    "heatmap_examples",
+    "state_cache",
+)
 
 _DATA = DataRequest()
 
@@ -184,13 +194,17 @@ class RunConfig:
             if not getattr(self.optim, name) > 0:
                 raise ValueError(f"optim.{name} must be > 0, got {getattr(self.optim, name)}")
         if self.optim.weight_decay < 0 or not self.optim.grad_clip > 0:
-            raise ValueError(f"optim.weight_decay must be >= 0 and optim.grad_clip > 0, got "
-                             f"{self.optim.weight_decay} and {self.optim.grad_clip}")
+            raise ValueError(
+                f"optim.weight_decay must be >= 0 and optim.grad_clip > 0, got "
+                f"{self.optim.weight_decay} and {self.optim.grad_clip}"
+            )
         if not 0.0 <= self.optim.warmup_fraction < 1.0 or not 0.0 <= self.loss.sparsity_warmup_fraction <= 1.0:
             raise ValueError("optim.warmup_fraction must be in [0, 1) and loss.sparsity_warmup_fraction in [0, 1]")
         if self.model.use_fused_kernels and not _fused_kernels_possible():
-            raise ValueError("model.use_fused_kernels=true needs a CUDA device (or TRITON_INTERPRET=1); this machine "
-                             "has none: use null (fused on CUDA only) or false")
+            raise ValueError(
+                "model.use_fused_kernels=true needs a CUDA device (or TRITON_INTERPRET=1); this machine "
+                "has none: use null (fused on CUDA only) or false"
+            )
 
 
 def _fused_kernels_possible() -> bool:
@@ -214,8 +228,10 @@ def _read_yaml(path: Path) -> dict:
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"run config {path} must be a mapping of keys (model:, data:, epochs: ...), "
-                         f"got a YAML {type(values).__name__}")
+        raise ValueError(
+            f"run config {path} must be a mapping of keys (model:, data:, epochs: ...), "
+            f"got a YAML {type(values).__name__}"
+        )
     return values
 
 
@@ -308,8 +324,10 @@ def resolve_deepspeed_path(value: str | None, config_file: Path | None) -> str |
         if candidate.is_file():
             return str(candidate.resolve())
     tried = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"DeepSpeed config {value!r} not found (looked at {tried}); the shipped ones are "
-                            f"{sorted(p.name for p in CONFIG_DIR.glob('*.json'))} in {CONFIG_DIR}")
+    raise FileNotFoundError(
+        f"DeepSpeed config {value!r} not found (looked at {tried}); the shipped ones are "
+        f"{sorted(p.name for p in CONFIG_DIR.glob('*.json'))} in {CONFIG_DIR}"
+    )
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -338,8 +356,10 @@ def _resume_config(folder: Path, pairs: list[tuple[str, object]], path) -> RunCo
         raise ValueError(f"resume={folder} continues that run with its own config ({saved}); drop --config {path}")
     refused = sorted(key for key, _ in pairs if key not in RESUMABLE)
     if refused:
-        raise ValueError(f"resume={folder} cannot change {refused}: they would change what was trained so far. "
-                         f"Allowed beside resume: {list(RESUMABLE[1:])}; or start a new run")
+        raise ValueError(
+            f"resume={folder} cannot change {refused}: they would change what was trained so far. "
+            f"Allowed beside resume: {list(RESUMABLE[1:])}; or start a new run"
+        )
     base = _read_yaml(saved)
     config = build_run_config(base, _nest(pairs), where=f"run config {saved}")
     config.resume, config.out_dir = str(folder), str(folder)

@@ -76,8 +76,14 @@ def request_from_args(args: argparse.Namespace) -> DataRequest:
         changes.setdefault("isolate_attributes", None)
     if args.isolate_attributes is not None:
         changes["isolate_attributes"] = _names(args.isolate_attributes)
-    simple = {"target": args.target, "target_dtype": args.dtype, "max_examples": args.max_examples,
-              "test_share": args.test_share, "seed": args.seed, "entities_per_template": args.entities_per_template}
+    simple = {
+        "target": args.target,
+        "target_dtype": args.dtype,
+        "max_examples": args.max_examples,
+        "test_share": args.test_share,
+        "seed": args.seed,
+        "entities_per_template": args.entities_per_template,
+    }
     changes.update({k: v for k, v in simple.items() if v is not None})
     if args.sources is not None:
         changes["sources"] = _names(args.sources)
@@ -100,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {device!r} but this machine has no CUDA device; use --device cpu")
     start = time.perf_counter()
     try:
-        dataset = build_dataset(request, out=args.out, device=device, batch_size=args.batch_size,
-                                progress=not args.quiet)
+        dataset = build_dataset(
+            request, out=args.out, device=device, batch_size=args.batch_size, progress=not args.quiet
+        )
     except KeyboardInterrupt:
         print("hyperdas data: interrupted; nothing half-written is left, and checked prompts are kept for next time")
         return 130

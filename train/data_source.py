@@ -94,8 +94,10 @@ def cache_train_states(data: RunData, target: FrozenTarget, config: RunConfig, s
     if setup.world_size > 1:
         enabled, forwards = _agree(enabled, forwards, target.device)
     if setup.is_main:
-        print(f"hyperdas train: {plan.reason}" + ("" if enabled or plan.storage == "off" else
-                                                   " on this process, but not on every one: the cache is off"))
+        print(
+            f"hyperdas train: {plan.reason}"
+            + ("" if enabled or plan.storage == "off" else " on this process, but not on every one: the cache is off")
+        )
     if not enabled:
         return
     cache = StateCache(target, plan.storage, cache_root() / "states")

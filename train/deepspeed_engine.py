@@ -88,13 +88,19 @@ class DeepSpeedEngine:
     def save(self, folder: Path, client_state: dict) -> None:
         """DeepSpeed's sharded checkpoint (each process writes its shard) without the frozen target."""
         self.engine.save_checkpoint(
-            str(folder), tag=CHECKPOINT_TAG, client_state={CLIENT_STATE_KEY: client_state}, save_latest=False,
+            str(folder),
+            tag=CHECKPOINT_TAG,
+            client_state={CLIENT_STATE_KEY: client_state},
+            save_latest=False,
             exclude_frozen_parameters=True,
         )
 
     def load(self, folder: Path) -> dict:
         path, client_state = self.engine.load_checkpoint(
-            str(folder), tag=CHECKPOINT_TAG, load_module_strict=False, load_optimizer_states=True,
+            str(folder),
+            tag=CHECKPOINT_TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
             load_lr_scheduler_states=False,
         )
         if path is None or CLIENT_STATE_KEY not in client_state:

@@ -54,8 +54,10 @@ def _fill(ds: dict, key: str, wanted, what: str) -> None:
     if given == "auto":
         ds[key] = wanted
     elif given != wanted:
-        raise DeepSpeedConfigError(f"DeepSpeed config sets {key}={given!r} but {what} gives {wanted!r}; "
-                                   f'set it to "auto" (or to {wanted!r}) in the JSON, or change the run config')
+        raise DeepSpeedConfigError(
+            f"DeepSpeed config sets {key}={given!r} but {what} gives {wanted!r}; "
+            f'set it to "auto" (or to {wanted!r}) in the JSON, or change the run config'
+        )
 
 
 def resolve_ds_config(ds_config: dict, run: RunConfig, world_size: int, device_type: str) -> dict:
@@ -92,8 +94,12 @@ def resolve_ds_config(ds_config: dict, run: RunConfig, world_size: int, device_t
         raise DeepSpeedConfigError(str(err)) from err
     _fill(ds, "train_batch_size", run.global_batch_size, "the run config's global_batch_size")
     _fill(ds, "train_micro_batch_size_per_gpu", micro, f"the run config (micro_batch_size, {world_size} processes)")
-    _fill(ds, "gradient_accumulation_steps", accumulation,
-          f"global_batch_size {run.global_batch_size} / ({micro} per micro batch x {world_size} processes)")
+    _fill(
+        ds,
+        "gradient_accumulation_steps",
+        accumulation,
+        f"global_batch_size {run.global_batch_size} / ({micro} per micro batch x {world_size} processes)",
+    )
     _fill(ds, "gradient_clipping", run.optim.grad_clip, "the run config's optim.grad_clip")
 
     zero = ds.setdefault("zero_optimization", {})

@@ -84,7 +84,12 @@ def run(args: argparse.Namespace) -> int:
     engine = PlainEngine(model, config)
     data = load_run_data(config, target, PlainSetup())
     result = evaluate(
-        engine, data, modes, args.batch_size or config.eval_batch_size, args.max_examples, config.heatmap_examples,
+        engine,
+        data,
+        modes,
+        args.batch_size or config.eval_batch_size,
+        args.max_examples,
+        config.heatmap_examples,
         seed=config.seed,
     )
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"

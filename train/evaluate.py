@@ -161,8 +161,14 @@ def evaluate(
                 described.update(indices)
                 for key, value in out.analysis.items():
                     vectors.setdefault(key, []).append(value.float().cpu()[fresh])
-                labels += [{"index": indices[b], "attribute": batch["attribute"][b],
-                            "attribute_type": batch["attribute_type"][b]} for b in fresh]
+                labels += [
+                    {
+                        "index": indices[b],
+                        "attribute": batch["attribute"][b],
+                        "attribute_type": batch["attribute_type"][b],
+                    }
+                    for b in fresh
+                ]
     finally:
         model.train(was_training)
     metrics = {}
@@ -221,8 +227,7 @@ def _heatmap_entry(batch: dict, selection: torch.Tensor, b: int, tokenizer) -> d
     return {
         "selection": a[:, :keep].numpy(),
         "base_tokens": [tokenizer.decode([t]) for t in base_ids[:keep]],
-        "source_tokens": [tokenizer.decode([t]) for t in batch["source_input_ids"][b][source_real].tolist()]
-        + ["SELF"],
+        "source_tokens": [tokenizer.decode([t]) for t in batch["source_input_ids"][b][source_real].tolist()] + ["SELF"],
         "title": f"{batch['attribute'][b]} ({batch['attribute_type'][b]})",
     }
 

@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = keys_epilog()
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: %(default)s)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value",
+        "overrides",
+        nargs="*",
+        metavar="key=value",
         help="config overrides, dotted for sections: model.intervention_layer=12 optim.editor_lr=1e-4 resume=DIR",
     )
 
@@ -55,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"hyperdas train: {stop}; continue with: hyperdas train resume={trainer.out_dir}", file=sys.stderr)
         else:
             model = trainer.out_dir / FINAL_MODEL
-            print(f"hyperdas train: interrupted after training, during evaluation; the trained model is in {model}: "
-                  f"evaluate it with hyperdas eval --checkpoint {trainer.out_dir}", file=sys.stderr)
+            print(
+                f"hyperdas train: interrupted after training, during evaluation; the trained model is in {model}: "
+                f"evaluate it with hyperdas eval --checkpoint {trainer.out_dir}",
+                file=sys.stderr,
+            )
         return 130
     print(metrics_table(metrics))
     print(f"\nrun folder: {trainer.out_dir} (report.md, metrics.json, model/, checkpoints/)")

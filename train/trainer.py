@@ -195,16 +195,21 @@ class Trainer:
                 return self.engine.load(folder)
             except (OSError, RuntimeError, EOFError, KeyError, ValueError) as err:
                 if self.setup.is_main:
-                    print(f"hyperdas train: checkpoint {folder} cannot be loaded ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else 'truncated'}); trying the one before")
+                    print(
+                        f"hyperdas train: checkpoint {folder} cannot be loaded ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'truncated'}); trying the one before"
+                    )
         raise ValueError(f"cannot resume {self.out_dir}: none of its checkpoints {[c.name for c in candidates]} loads")
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global batches of ``epoch`` (``step_batches``; grouped by length unless the config says not)."""
         if epoch not in self._batches:
             lengths = self.data.pair_lengths() if self.config.group_by_length else None
-            self._batches = {epoch: step_batches(len(self.data.train), self.config.global_batch_size,
-                                                 self.config.seed, epoch, lengths)}
+            self._batches = {
+                epoch: step_batches(
+                    len(self.data.train), self.config.global_batch_size, self.config.seed, epoch, lengths
+                )
+            }
         return self._batches[epoch]
 
     @property
@@ -377,8 +382,16 @@ class Trainer:
 
 
 #: what an earlier run leaves in its out_dir (``overwrite=true`` removes these and nothing else)
-RUN_OUTPUTS = (CHECKPOINTS, FINAL_MODEL, TRAIN_LOG, RUN_CONFIG_FILE, "metrics.json", "report.md",
-               "selection_heatmap.png", "eval")
+RUN_OUTPUTS = (
+    CHECKPOINTS,
+    FINAL_MODEL,
+    TRAIN_LOG,
+    RUN_CONFIG_FILE,
+    "metrics.json",
+    "report.md",
+    "selection_heatmap.png",
+    "eval",
+)
 
 
 def check_out_dir(out_dir: Path, resuming: bool, overwrite: bool, remove: bool = True) -> None:
@@ -394,8 +407,10 @@ def check_out_dir(out_dir: Path, resuming: bool, overwrite: bool, remove: bool =
     used = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
     if used and not resuming:
         if not overwrite:
-            raise ValueError(f"out_dir {out_dir} holds an earlier run ({', '.join(used)}): continue it with "
-                             f"resume={out_dir}, replace it with overwrite=true, or choose another out_dir")
+            raise ValueError(
+                f"out_dir {out_dir} holds an earlier run ({', '.join(used)}): continue it with "
+                f"resume={out_dir}, replace it with overwrite=true, or choose another out_dir"
+            )
         for name in used if remove else ():
             target = out_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()

@@ -80,8 +80,11 @@ class BaselineConfig:
 
 def _training_rows(train, attribute: str, method: str) -> list[int]:
     kinds = ("causal",) if method == "das" else ("causal", "isolate")
-    return [i for i, (a, t) in enumerate(zip(train["attribute"], train["attribute_type"], strict=True))
-            if a == attribute and t in kinds]
+    return [
+        i
+        for i, (a, t) in enumerate(zip(train["attribute"], train["attribute_type"], strict=True))
+        if a == attribute and t in kinds
+    ]
 
 
 def _layer_states(cache: StateCache, batch: dict, slot: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +92,16 @@ def _layer_states(cache: StateCache, batch: dict, slot: int, device) -> tuple[to
     return base[:, :, slot], source[:, :, slot]
 
 
-def train_das(target, cache: StateCache, train, collate, attribute: str, layer: int, config: BaselineConfig,
-              progress: bool = False) -> LastEntityDAS:
+def train_das(
+    target,
+    cache: StateCache,
+    train,
+    collate,
+    attribute: str,
+    layer: int,
+    config: BaselineConfig,
+    progress: bool = False,
+) -> LastEntityDAS:
     """One attribute's subspace at one layer, trained from cached states (see module docstring)."""
     slot = cache.layers.index(layer)
     device = target.device
@@ -117,8 +128,9 @@ def train_das(target, cache: StateCache, train, collate, attribute: str, layer: 
 
 
 @torch.no_grad()
-def evaluate_patch(target, cache: StateCache, test, collate, indices: list[int], layer: int, patch,
-                   batch_size: int) -> list[dict]:
+def evaluate_patch(
+    target, cache: StateCache, test, collate, indices: list[int], layer: int, patch, batch_size: int
+) -> list[dict]:
     """Records (attribute, attribute_type, domain, correct) of test rows ``indices`` under ``patch`` at ``layer``."""
     slot = cache.layers.index(layer)
     device = target.device
@@ -133,8 +145,9 @@ def evaluate_patch(target, cache: StateCache, test, collate, indices: list[int],
     return records
 
 
-def run_sweep(target, train, test, collate, config: BaselineConfig, cache: StateCache,
-              progress: bool = True) -> dict[str, dict]:
+def run_sweep(
+    target, train, test, collate, config: BaselineConfig, cache: StateCache, progress: bool = True
+) -> dict[str, dict]:
     """Train and evaluate every (layer, attribute); returns {floor, ceiling@Lk, method@Lk: summary + seconds}.
 
     Args:
@@ -156,14 +169,16 @@ def run_sweep(target, train, test, collate, config: BaselineConfig, cache: State
     metrics[FLOOR] = summarize(floor)
     for layer in config.layers:
         start = time.perf_counter()
-        ceiling = evaluate_patch(target, cache, test, collate, everything, layer, full_vector_patch,
-                                 config.eval_batch_size)
+        ceiling = evaluate_patch(
+            target, cache, test, collate, everything, layer, full_vector_patch, config.eval_batch_size
+        )
         metrics[f"ceiling@L{layer}"] = summarize(ceiling)
         records = []
         for attribute in attributes:
             das = train_das(target, cache, train, collate, attribute, layer, config, progress)
             das.eval()
-            records += evaluate_patch(target, cache, test, collate, test_rows[attribute], layer, das,
-                                      config.eval_batch_size)
+            records += evaluate_patch(
+                target, cache, test, collate, test_rows[attribute], layer, das, config.eval_batch_size
+            )
         metrics[f"{config.method}@L{layer}"] = summarize(records) | {"seconds": round(time.perf_counter() - start, 1)}
     return metrics

@@ -245,11 +245,13 @@ def _choose_attributes(request: DataRequest, domain: RavelDomain, known, tokeniz
             pools = {split: causal_capacity(domain, attribute, split, known, tie) for split in SPLITS}
             short = [s for s in SPLITS if pools[s] < MIN_POOL_SHARE * wanted[(s, attribute, "causal")]]
             if short:
-                dropped.append({
-                    "attribute": attribute,
-                    "reason": f"too little data: causal pairs possible {pools} (train / test) against a share of "
-                    f"{wanted[('train', attribute, 'causal')]} / {wanted[('test', attribute, 'causal')]}",
-                })
+                dropped.append(
+                    {
+                        "attribute": attribute,
+                        "reason": f"too little data: causal pairs possible {pools} (train / test) against a share of "
+                        f"{wanted[('train', attribute, 'causal')]} / {wanted[('test', attribute, 'causal')]}",
+                    }
+                )
             else:
                 kept.append(attribute)
         requested = tuple(kept)
@@ -331,17 +333,25 @@ def build_dataset(
         for attribute in attributes:
             tie = LabelTies(target.tokenizer, domain, attribute)
             for kind in ATTRIBUTE_TYPES:
-                sampler = PairSampler(domain, split, attribute, kind, known, isolate[attribute], request.sources,
-                                      request.seed, tie)
+                sampler = PairSampler(
+                    domain, split, attribute, kind, known, isolate[attribute], request.sources, request.seed, tie
+                )
                 share = wanted[(split, attribute, kind)]
                 taken = sampler.take(share)
                 splits[split].extend(taken)
-                rows.append({
-                    "split": split, "attribute": attribute, "attribute_type": kind, "share": share,
-                    "kept": len(taken), "base_prompts": sampler.base_prompts, "ties": sampler.ties,
-                    "pool": causal_capacity(domain, attribute, split, known, tie) if kind == "causal" else None,
-                    "exhausted": len(taken) < share,
-                })
+                rows.append(
+                    {
+                        "split": split,
+                        "attribute": attribute,
+                        "attribute_type": kind,
+                        "share": share,
+                        "kept": len(taken),
+                        "base_prompts": sampler.base_prompts,
+                        "ties": sampler.ties,
+                        "pool": causal_capacity(domain, attribute, split, known, tie) if kind == "causal" else None,
+                        "exhausted": len(taken) < share,
+                    }
+                )
     report = {
         "request": asdict(request),
         "key": request.key(),
@@ -414,5 +424,6 @@ def _load(folder: Path):
     try:
         return load_from_disk(str(folder))
     except Exception as err:  # datasets raises several types for damaged arrow/json files
-        raise ValueError(f"the dataset in {folder} cannot be read ({type(err).__name__}: {err}); delete {folder} "
-                         "and it is rebuilt") from err
+        raise ValueError(
+            f"the dataset in {folder} cannot be read ({type(err).__name__}: {err}); delete {folder} and it is rebuilt"
+        ) from err

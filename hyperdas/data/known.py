@@ -139,8 +139,13 @@ class KnownPromptTable:
     def __init__(self, target_name: str, fingerprint: str, dtype: str, domain: str, root: str | Path | None = None):
         folder = Path(root) if root is not None else cache_root() / "known"
         self.path = folder / f"{_slug(target_name)}-{fingerprint}-{dtype}-{domain}-v{KNOWN_FORMAT_VERSION}.json"
-        self.identity = {"target": target_name, "fingerprint": fingerprint, "dtype": dtype, "domain": domain,
-                         "format": KNOWN_FORMAT_VERSION}
+        self.identity = {
+            "target": target_name,
+            "fingerprint": fingerprint,
+            "dtype": dtype,
+            "domain": domain,
+            "format": KNOWN_FORMAT_VERSION,
+        }
         self.table: dict[str, bool] = {}
         if self.path.is_file():
             try:

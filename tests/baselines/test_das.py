@@ -25,18 +25,29 @@ def target64():
 
 def _pyvene_label_logits(target, das: LastEntityDAS, batch: dict) -> torch.Tensor:
     """The same intervention through pyvene's own IntervenableModel: block_output of decoder layer LAYER - 1."""
-    config = pv.IntervenableConfig(representations=[pv.RepresentationConfig(
-        layer=LAYER - 1, component="block_output", unit="pos", max_number_of_units=1,
-        intervention_type=pv.LowRankRotatedSpaceIntervention, low_rank_dimension=das.rank,
-    )])
+    config = pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=LAYER - 1,
+                component="block_output",
+                unit="pos",
+                max_number_of_units=1,
+                intervention_type=pv.LowRankRotatedSpaceIntervention,
+                low_rank_dimension=das.rank,
+            )
+        ]
+    )
     model = pv.IntervenableModel(config, target.model)
     (intervention,) = model.interventions.values()
     intervention.to(torch.float64).load_state_dict(das.intervention.state_dict())  # pyvene builds it in fp32
 
     def inputs(name):
         mask = batch[f"{name}_attention_mask"]
-        return {"input_ids": batch[f"{name}_input_ids"], "attention_mask": mask,
-                "position_ids": position_ids_from_mask(mask)}
+        return {
+            "input_ids": batch[f"{name}_input_ids"],
+            "attention_mask": mask,
+            "position_ids": position_ids_from_mask(mask),
+        }
 
     base_at = [[[int(j)] for j in batch["base_entity_last"]]]
     source_at = [[[int(i)] for i in batch["source_entity_last"]]]
@@ -124,8 +135,9 @@ def test_das_trains_on_causal_examples_only_and_mdas_on_both(tiny_run):
         config = BaselineConfig(method=method, layers=[1], rank=4, epochs=2, batch_size=4)
         before = LastEntityDAS(target.hidden_size, 4)
         trained = train_das(target, cache, train, spying, "Country", 1, config)
-        assert set(seen) == kinds and len(seen) == 2 * sum(r["attribute_type"] in kinds for r in train
-                                                           if r["attribute"] == "Country")
+        assert set(seen) == kinds and len(seen) == 2 * sum(
+            r["attribute_type"] in kinds for r in train if r["attribute"] == "Country"
+        )
         moved = trained.intervention.rotate_layer.weight.detach()
         assert not torch.allclose(moved, before.intervention.rotate_layer.weight.detach())
 
@@ -139,8 +151,15 @@ def test_the_sweep_reads_the_target_once_per_prompt_and_reports_every_layer(tiny
     try:
         cache = _cache(target, collate, train, test, [1, 2])
         filled = len(calls)
-        metrics = run_sweep(target, train, test, collate, BaselineConfig(method="mdas", layers=[1, 2], rank=4,
-                                                                         epochs=1, batch_size=4), cache, progress=False)
+        metrics = run_sweep(
+            target,
+            train,
+            test,
+            collate,
+            BaselineConfig(method="mdas", layers=[1, 2], rank=4, epochs=1, batch_size=4),
+            cache,
+            progress=False,
+        )
     finally:
         target.hidden_states = real
     assert len(calls) == filled  # training and evaluating both layers ran no further target pass over prompts

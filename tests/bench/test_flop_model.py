@@ -42,27 +42,52 @@ def _counted_macs(model: HyperDAS, batch: dict, path: str) -> float:
 @pytest.mark.parametrize(
     ("config_overrides", "shape"),
     [
-        ({}, StepShape(batch=3, seq_len=13, instruction_len=5, label_tokens=2, editor_layers=1, rank=3,
-                       intervention_layer=1)),
-        ({"num_hidden_layers": 4, "hidden_size": 56, "intermediate_size": 88, "num_attention_heads": 7,
-          "head_dim": 8},
-         StepShape(batch=5, seq_len=11, instruction_len=6, label_tokens=1, editor_layers=2, rank=5,
-                   intervention_layer=3)),
+        (
+            {},
+            StepShape(
+                batch=3, seq_len=13, instruction_len=5, label_tokens=2, editor_layers=1, rank=3, intervention_layer=1
+            ),
+        ),
+        (
+            {
+                "num_hidden_layers": 4,
+                "hidden_size": 56,
+                "intermediate_size": 88,
+                "num_attention_heads": 7,
+                "head_dim": 8,
+            },
+            StepShape(
+                batch=5, seq_len=11, instruction_len=6, label_tokens=1, editor_layers=2, rank=5, intervention_layer=3
+            ),
+        ),
     ],
 )
 def test_the_model_counts_what_torch_counts(config_overrides, shape):
     target = build_random_target(tiny_llama_config(VOCAB, **config_overrides), seed=0)
     torch.manual_seed(0)
-    model = HyperDAS(HyperDASConfig(target="tiny", intervention_layer=shape.intervention_layer,
-                                    das_dimension=shape.rank, chop_editor_at_layer=shape.editor_layers), target)
+    model = HyperDAS(
+        HyperDASConfig(
+            target="tiny",
+            intervention_layer=shape.intervention_layer,
+            das_dimension=shape.rank,
+            chop_editor_at_layer=shape.editor_layers,
+        ),
+        target,
+    )
     # every attention as plain matmuls, which the counter sees (it does not count CPU SDPA kernels)
     target.attention = "eager"
     model.editor.backend = "reference"
     for layer in model.editor.layers:
         layer.self_attn.config._attn_implementation = "eager"
     # base and source of one length, so the model's single T is exact
-    batch = make_batch(VOCAB, batch=shape.batch, tb=shape.seq_len, ts=shape.seq_len, te=shape.instruction_len,
-                       labels=shape.label_tokens)
+    batch = make_batch(
+        VOCAB,
+        batch=shape.batch,
+        tb=shape.seq_len,
+        ts=shape.seq_len,
+        te=shape.instruction_len,
+        labels=shape.label_tokens,
+    )
     widest = [int(batch[f"{run}_intervention_mask"].sum(1).max()) for run in ("base", "source")]
     predicted = step_macs(target.config, replace(shape, selectable_tokens=sum(widest) / 2))
     counted = {path: _counted_macs(model, batch, path) for path in ("two_pass", "four_pass")}

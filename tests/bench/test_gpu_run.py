@@ -44,8 +44,12 @@ def smoke(tmp_path_factory) -> tuple[Path, str, float]:
     """One smoke run: (its folder, its stdout, its wall time). The budget is loose so a loaded machine passes."""
     out = tmp_path_factory.mktemp("gpu_smoke")
     start = time.monotonic()
-    result = subprocess.run([sys.executable, str(BENCH / "gpu_run.py"), "--smoke", "--out", str(out),
-                             "--budget-s", "300"], capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_run.py"), "--smoke", "--out", str(out), "--budget-s", "300"],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+    )
     wall = time.monotonic() - start
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return out, result.stdout, wall
@@ -62,15 +66,14 @@ def test_smoke_run_ends_every_step_and_ends_with_the_table(smoke):
         else:
             assert row["status"] == "ok", row
     zero3 = [row for row in rows if row["step"] == "5 ZeRO-3"]
-    assert len(zero3) == 2 and all(row["status"] == ("ok" if _importable("deepspeed") else "skipped")
-                                   for row in zero3)
+    assert len(zero3) == 2 and all(row["status"] == ("ok" if _importable("deepspeed") else "skipped") for row in zero3)
     tests = [row for row in rows if row["step"] == "2 kernel tests"]
     assert {row["what"] for row in tests} == {p.name for p in (BENCH.parent / "tests" / "kernels").glob("test_*.py")}
     assert sum(row["data"]["counts"]["passed"] for row in tests if row["data"]["counts"]) >= 2  # the fused steps
     # the output (and summary.md) end with the one table of steps, a row per result
-    last_lines = stdout.strip().splitlines()[-len(rows) - 2:]
+    last_lines = stdout.strip().splitlines()[-len(rows) - 2 :]
     assert last_lines[0].startswith("| step | what | status |") and all(line.startswith("| ") for line in last_lines)
-    assert (out / "summary.md").read_text().strip().splitlines()[-len(rows):] == last_lines[2:]
+    assert (out / "summary.md").read_text().strip().splitlines()[-len(rows) :] == last_lines[2:]
 
 
 def test_smoke_run_writes_readable_results(smoke):
@@ -83,14 +86,19 @@ def test_smoke_run_writes_readable_results(smoke):
     rows = load_rows([kernels])
     assert {r["op"] for r in rows} == {"interchange", "selection_head", "cross_attention"}
     assert {(r["op"], r["mode"]) for r in rows if r["path"] in ("reference", "naive")} == {
-        (op, mode) for op in ("interchange", "selection_head", "cross_attention") for mode in ("fwd", "fwd_bwd")}
+        (op, mode) for op in ("interchange", "selection_head", "cross_attention") for mode in ("fwd", "fwd_bwd")
+    }
     step = json.loads((out / next(n for n in bench_files if n.endswith("_step.json"))).read_text())
     assert step["errors"] == []
     assert sorted(b["name"] for b in step["benchmarks"]) == sorted(
-        f"training_step_at_scale[{path}-{kernels}]" for path in ("two_pass", "four_pass")
-        for kernels in ("fused", "unfused"))
+        f"training_step_at_scale[{path}-{kernels}]"
+        for path in ("two_pass", "four_pass")
+        for kernels in ("fused", "unfused")
+    )
     assert {r["path"] for r in load_rows([out / n for n in bench_files]) if r["op"] == "training_step"} == {
-        "two_pass", "four_pass"}
+        "two_pass",
+        "four_pass",
+    }
     goals = read_goals([out / n for n in bench_files])
     assert len(goals) == 8 and goals[0].status == "not measured"  # no fused interchange timing on CPU
     assert wall < SMOKE_TIMEOUT_S
@@ -134,8 +142,15 @@ def test_failing_raising_and_overrunning_steps_are_recorded(tmp_path, monkeypatc
 
     def overruns(run, label):
         outcome = run.command("overruns", [sys.executable, "-c", "import time; time.sleep(60)"], 1)
-        return [gpu_run.Row(label, "sleeps", "timed out" if outcome.returncode is None else "ok", outcome.seconds,
-                            gpu_run.failure_reason(outcome))]
+        return [
+            gpu_run.Row(
+                label,
+                "sleeps",
+                "timed out" if outcome.returncode is None else "ok",
+                outcome.seconds,
+                gpu_run.failure_reason(outcome),
+            )
+        ]
 
     def works(run, label):
         outcome = run.command("works", [sys.executable, "-c", "print('fine')"], 30)
@@ -146,8 +161,12 @@ def test_failing_raising_and_overrunning_steps_are_recorded(tmp_path, monkeypatc
     assert gpu_run.main(["--smoke", "--out", str(tmp_path)]) == 1
     assert time.monotonic() - start < 30  # the sleeper was killed at its limit
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
-    assert [(r["step"], r["status"]) for r in rows] == [("a", "failed"), ("b", "failed"), ("c", "timed out"),
-                                                       ("d", "ok")]
+    assert [(r["step"], r["status"]) for r in rows] == [
+        ("a", "failed"),
+        ("b", "failed"),
+        ("c", "timed out"),
+        ("d", "ok"),
+    ]
     assert rows[0]["why"] == "exit 3: ValueError: boom"
     assert rows[1]["why"] == "RuntimeError: the step itself broke"
     assert rows[2]["why"] == "killed at its time limit of 1 s"
@@ -158,7 +177,8 @@ def test_failing_raising_and_overrunning_steps_are_recorded(tmp_path, monkeypatc
 
 def test_pytest_failures_time_limits_and_skips_reach_the_row(tmp_path):
     tests = tmp_path / "test_sample.py"
-    tests.write_text(textwrap.dedent("""
+    tests.write_text(
+        textwrap.dedent("""
         import time
         import pytest
 
@@ -174,7 +194,8 @@ def test_pytest_failures_time_limits_and_skips_reach_the_row(tmp_path):
         @pytest.mark.skip(reason="needs CUDA")
         def test_skipped():
             pass
-    """))
+    """)
+    )
     run = gpu_run.Run(tmp_path, smoke=True, cuda=False, limits=gpu_run.SMOKE_LIMITS)
     junit = tmp_path / "junit.xml"
     outcome = run.command("sample", gpu_run.pytest_command(tests, junit, 1.0), 60)
@@ -217,26 +238,57 @@ def _bench(name: str, mean: float, **info) -> dict:
 
 def test_goals_are_read_off_the_results(tmp_path):
     kernels = tmp_path / "gpu.json"
-    kernels.write_text(json.dumps({"machine_info": {"device": "GPU"}, "benchmarks": [
-        _bench("i1", 1.0, op="interchange", case="hyperdas", path="fused", mode="fwd", fraction_of_copy_bandwidth=0.85),
-        _bench("i2", 2.0, op="interchange", case="hyperdas", path="fused", mode="fwd_bwd"),
-        _bench("i3", 5.0, op="interchange", case="hyperdas", path="reference", mode="fwd_bwd"),  # 2.5x: missed
-        _bench("test_selection_head[fused-fwd_bwd]", 1.0, path="fused", mode="fwd_bwd", peak_memory_bytes=10),
-        _bench("test_selection_head[naive-fwd_bwd]", 4.0, path="naive", mode="fwd_bwd", peak_memory_bytes=120),
-        _bench("c1", 1.0, op="cross_attention", method="triton", mode="fwd_bwd", shape="small"),
-        _bench("c2", 1.5, op="cross_attention", method="sdpa_flash", mode="fwd_bwd", shape="small"),
-        _bench("c3", 2.0, op="cross_attention", method="triton", mode="fwd_bwd", shape="large"),
-        _bench("c4", 1.8, op="cross_attention", method="sdpa_flash", mode="fwd_bwd", shape="large"),  # 0.9x
-    ]}))
+    kernels.write_text(
+        json.dumps(
+            {
+                "machine_info": {"device": "GPU"},
+                "benchmarks": [
+                    _bench(
+                        "i1",
+                        1.0,
+                        op="interchange",
+                        case="hyperdas",
+                        path="fused",
+                        mode="fwd",
+                        fraction_of_copy_bandwidth=0.85,
+                    ),
+                    _bench("i2", 2.0, op="interchange", case="hyperdas", path="fused", mode="fwd_bwd"),
+                    _bench(
+                        "i3", 5.0, op="interchange", case="hyperdas", path="reference", mode="fwd_bwd"
+                    ),  # 2.5x: missed
+                    _bench(
+                        "test_selection_head[fused-fwd_bwd]", 1.0, path="fused", mode="fwd_bwd", peak_memory_bytes=10
+                    ),
+                    _bench(
+                        "test_selection_head[naive-fwd_bwd]", 4.0, path="naive", mode="fwd_bwd", peak_memory_bytes=120
+                    ),
+                    _bench("c1", 1.0, op="cross_attention", method="triton", mode="fwd_bwd", shape="small"),
+                    _bench("c2", 1.5, op="cross_attention", method="sdpa_flash", mode="fwd_bwd", shape="small"),
+                    _bench("c3", 2.0, op="cross_attention", method="triton", mode="fwd_bwd", shape="large"),
+                    _bench("c4", 1.8, op="cross_attention", method="sdpa_flash", mode="fwd_bwd", shape="large"),  # 0.9x
+                ],
+            }
+        )
+    )
     step = tmp_path / "gpu_step.json"
     case, mode = "llama3-8b B=16 (random weights)", "fwd+bwd+adamw"
-    step.write_text(json.dumps({"machine_info": {"device": "GPU"}, "benchmarks": [
-        _bench("s1", 1.0, op="training_step", case=f"{case}, fused kernels", path="two_pass", mode=mode),
-        _bench("s2", 1.4, op="training_step", case=f"{case}, fused kernels", path="four_pass", mode=mode),
-        _bench("s3", 3.0, op="training_step", case=f"{case}, unfused kernels", path="two_pass", mode=mode),
-        _bench("s4", 3.6, op="training_step", case=f"{case}, unfused kernels", path="four_pass", mode=mode),
-    ], "largest_batch": [{"setting": "plain two-pass step", "largest_fit": 50},
-                         {"setting": "editor + target checkpointing", "largest_fit": 210}]}))
+    step.write_text(
+        json.dumps(
+            {
+                "machine_info": {"device": "GPU"},
+                "benchmarks": [
+                    _bench("s1", 1.0, op="training_step", case=f"{case}, fused kernels", path="two_pass", mode=mode),
+                    _bench("s2", 1.4, op="training_step", case=f"{case}, fused kernels", path="four_pass", mode=mode),
+                    _bench("s3", 3.0, op="training_step", case=f"{case}, unfused kernels", path="two_pass", mode=mode),
+                    _bench("s4", 3.6, op="training_step", case=f"{case}, unfused kernels", path="four_pass", mode=mode),
+                ],
+                "largest_batch": [
+                    {"setting": "plain two-pass step", "largest_fit": 50},
+                    {"setting": "editor + target checkpointing", "largest_fit": 210},
+                ],
+            }
+        )
+    )
     goals = {g.goal: g for g in read_goals([kernels, step])}
     status = {name: (g.status, None if g.figure is None else round(g.figure, 3)) for name, g in goals.items()}
     assert status == {
@@ -260,4 +312,5 @@ def test_autotuning_has_a_small_fixed_candidate_set(monkeypatch):
         assert 1 <= len(configs) <= 8
         again = cross_attention._configs(kind)
         assert [(c.kwargs, c.num_warps, c.num_stages) for c in configs] == [
-            (c.kwargs, c.num_warps, c.num_stages) for c in again]
+            (c.kwargs, c.num_warps, c.num_stages) for c in again
+        ]

@@ -25,8 +25,15 @@ def cache_root(tmp_path, monkeypatch):
 
 
 def _request(**overrides):
-    values = dict(target="planted", target_dtype="float32", attributes=("Country", "Continent"), max_examples=40,
-                  test_share=0.25, seed=1, entities_per_template=6)
+    values = dict(
+        target="planted",
+        target_dtype="float32",
+        attributes=("Country", "Continent"),
+        max_examples=40,
+        test_share=0.25,
+        seed=1,
+        entities_per_template=6,
+    )
     values.update(overrides)
     return DataRequest(**values)
 
@@ -61,8 +68,11 @@ def test_shares_splits_and_saved_files(smollm2, cache_root):
     for split in ("train", "test"):
         rows = data[split].to_list()
         assert {r["split"] for r in rows} == {split}
-        counts = {(a, k): sum(r["attribute"] == a and r["attribute_type"] == k for r in rows)
-                  for a in ("Country", "Continent") for k in ("causal", "isolate")}
+        counts = {
+            (a, k): sum(r["attribute"] == a and r["attribute_type"] == k for r in rows)
+            for a in ("Country", "Continent")
+            for k in ("causal", "isolate")
+        }
         assert sorted(counts.values()) == ([2, 2, 3, 3] if split == "test" else [7, 7, 8, 8])
     assert not {r["template"] for r in data["train"]} & {r["template"] for r in data["test"]}
     folder = dataset_folder(request)
@@ -72,7 +82,8 @@ def test_shares_splits_and_saved_files(smollm2, cache_root):
     assert report["target"] == "planted" and report["attributes"] == ["Country", "Continent"]
     assert sum(r["kept"] for r in report["rows"]) == 40
     assert {(r["attribute"], r["split"]) for r in report["known_prompts"]} == {
-        (a, s) for a in ("Country", "Continent") for s in ("train", "test")}
+        (a, s) for a in ("Country", "Continent") for s in ("train", "test")
+    }
     assert not [p for p in (cache_root / "data").iterdir() if p.name.startswith(".")]  # no partial folder left
 
 
@@ -188,8 +199,12 @@ def test_the_key_hashes_request_target_dtype_and_format(monkeypatch):
 
     request = DataRequest()
     assert request.key() == DataRequest().key()
-    for other in (DataRequest(target="other"), DataRequest(max_examples=999), DataRequest(target_dtype="float32"),
-                  DataRequest(entities_per_template=25)):
+    for other in (
+        DataRequest(target="other"),
+        DataRequest(max_examples=999),
+        DataRequest(target_dtype="float32"),
+        DataRequest(entities_per_template=25),
+    ):
         assert other.key() != request.key()
     before = request.key()
     monkeypatch.setattr(build_module, "DATA_FORMAT_VERSION", build_module.DATA_FORMAT_VERSION + 1)
@@ -199,8 +214,14 @@ def test_the_key_hashes_request_target_dtype_and_format(monkeypatch):
 def test_on_the_embedded_default_doing_nothing_causes_nothing(smollm2, cache_root):
     """The unpatched target answers the base's value: no causal example is right (cause floor 0), every isolate
     example is (isolate floor 100), except where its argmax is a near-tie that batch padding could flip."""
-    request = DataRequest(attributes=("Continent",), isolate_attributes=("Country",), target_dtype="float32",
-                          max_examples=48, test_share=0.5, entities_per_template=4)
+    request = DataRequest(
+        attributes=("Continent",),
+        isolate_attributes=("Country",),
+        target_dtype="float32",
+        max_examples=48,
+        test_share=0.5,
+        entities_per_template=4,
+    )
     data = build_dataset(request, smollm2, progress=False)
     rows = data["train"].to_list() + data["test"].to_list()
     batch = Collator(smollm2.tokenizer)(rows)

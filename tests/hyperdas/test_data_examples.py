@@ -161,15 +161,20 @@ def test_a_small_pool_is_exhausted():
     drawn = sampler.take(100)
     # one train template; base A takes source B or C, bases B and C take source A: four pairs
     assert sorted((e["entity"], e["counterfactual_entity"]) for e in drawn) == [
-        ("A", "B"), ("A", "C"), ("B", "A"), ("C", "A")]
+        ("A", "B"),
+        ("A", "C"),
+        ("B", "A"),
+        ("C", "A"),
+    ]
     assert sampler.exhausted and sampler.take(5) == []
 
 
 def test_only_known_prompts_are_paired():
     domain = RavelDomain(
         name="toy",
-        entity_attributes={e: {"x": v, "y": w} for e, v, w in
-                           [("A", "1", "p"), ("B", "2", "q"), ("C", "2", "p"), ("D", "3", "q")]},
+        entity_attributes={
+            e: {"x": v, "y": w} for e, v, w in [("A", "1", "p"), ("B", "2", "q"), ("C", "2", "p"), ("D", "3", "q")]
+        },
         attribute_prompts={"x": ["%s has x"], "y": ["%s has y"]},
         template_split={"%s has x": "train", "%s has y": "train"},
         wikipedia={"train": [WikipediaContext("about %s", "D"), WikipediaContext("on %s", None)], "test": []},
@@ -177,7 +182,10 @@ def test_only_known_prompts_are_paired():
     known = {("x", "%s has x"): ["A", "B", "D"], ("y", "%s has y"): ["C"]}  # C's x and A/B/D's y unknown
     causal = PairSampler(domain, "train", "x", "causal", known, seed=1).take(100)
     assert {e["entity"] for e in causal} == {"A", "B", "D"} and {e["counterfactual_entity"] for e in causal} <= {
-        "A", "B", "D"}
+        "A",
+        "B",
+        "D",
+    }
     assert len(causal) == 6  # every ordered pair of A, B, D has different values of x
     isolate = PairSampler(domain, "train", "x", "isolate", known, isolate_attributes=["y"], seed=1).take(100)
     assert {e["entity"] for e in isolate} == {"C"}  # the only known y prompt

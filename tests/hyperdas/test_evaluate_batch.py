@@ -34,15 +34,19 @@ def _hf_label_logits(model: HyperDAS, batch: dict, patch=None) -> torch.Tensor:
     handle = None
     if patch is not None:
         handle = hf.model.layers[LAYER].register_forward_pre_hook(
-            lambda _m, args, kwargs: ((patch(args[0]), *args[1:]), kwargs) if args else (args, kwargs | {
-                "hidden_states": patch(kwargs["hidden_states"])}),
+            lambda _m, args, kwargs: (
+                ((patch(args[0]), *args[1:]), kwargs)
+                if args
+                else (args, kwargs | {"hidden_states": patch(kwargs["hidden_states"])})
+            ),
             with_kwargs=True,
         )
     try:
         with torch.no_grad():
             mask = batch["base_attention_mask"]
-            logits = hf(input_ids=batch["base_input_ids"], attention_mask=mask,
-                        position_ids=position_ids_from_mask(mask)).logits
+            logits = hf(
+                input_ids=batch["base_input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask)
+            ).logits
     finally:
         if handle is not None:
             handle.remove()
@@ -61,8 +65,12 @@ def test_ceiling_patches_the_whole_last_entity_vector(model):
     batch = make_batch(VOCAB, batch=4, tb=11, ts=8, te=5, seed=2)
     with torch.no_grad():
         mask = batch["source_attention_mask"]
-        source = model.target.model(input_ids=batch["source_input_ids"], attention_mask=mask,
-                                    position_ids=position_ids_from_mask(mask), output_hidden_states=True)
+        source = model.target.model(
+            input_ids=batch["source_input_ids"],
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            output_hidden_states=True,
+        )
     source_k = source.hidden_states[LAYER]  # (B, Ts, D): the input of decoder layer LAYER
     rows = torch.arange(len(batch["base_entity_last"]))
 
@@ -72,8 +80,7 @@ def test_ceiling_patches_the_whole_last_entity_vector(model):
         return hidden
 
     out = model.evaluate_batch(batch, ["soft"])
-    torch.testing.assert_close(out.logits[CEILING], _hf_label_logits(model, batch, write_source), rtol=1e-9,
-                               atol=1e-10)
+    torch.testing.assert_close(out.logits[CEILING], _hf_label_logits(model, batch, write_source), rtol=1e-9, atol=1e-10)
     assert not torch.allclose(out.logits[CEILING], out.logits[FLOOR])
 
 

@@ -243,8 +243,10 @@ def test_the_papers_names_work(target64):
 
 def test_the_editor_ablations_read_what_they_say(target64):
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
-    states = target64.hidden_states(batch["base_input_ids"], batch["base_attention_mask"]), target64.hidden_states(
-        batch["source_input_ids"], batch["source_attention_mask"])
+    states = (
+        target64.hidden_states(batch["base_input_ids"], batch["base_attention_mask"]),
+        target64.hidden_states(batch["source_input_ids"], batch["source_attention_mask"]),
+    )
     g = torch.Generator().manual_seed(3)
     # the editor L2-normalises its keys, so scaling would not change what it reads: add noise instead
     shifted_base = (states[0] + 0.1 * torch.randn(states[0].shape, generator=g, dtype=torch.float64), states[1])
@@ -266,15 +268,17 @@ def test_the_editor_ablations_read_what_they_say(target64):
         assert not torch.allclose(encoding(model, states), encoding(model, shifted_source))
     count = sum(p.numel() for _, p in full.trainable_named_parameters())
     one_block = sum(p.numel() for p in full.editor.layers[0].base_attn.parameters()) + sum(
-        p.numel() for p in full.editor.layers[0].base_norm.parameters())
+        p.numel() for p in full.editor.layers[0].base_norm.parameters()
+    )
     assert sum(p.numel() for _, p in symmetric.trainable_named_parameters()) == count - 2 * one_block
     with pytest.raises(ValueError, match="editor_symmetric reads both runs"):
         HyperDASConfig(editor_reads="source", editor_symmetric=True).validate()
 
 
 @pytest.mark.parametrize("mode", ["soft", "column_argmax"])
-def test_an_annealed_selection_temperature_matches_the_literal_softmax_of_logits_over_tau(target64, mode,
-                                                                                        llama_in_float64):
+def test_an_annealed_selection_temperature_matches_the_literal_softmax_of_logits_over_tau(
+    target64, mode, llama_in_float64
+):
     """The two-pass step sharpens A = softmax(z) to A^(1/τ) / Σ A^(1/τ); the literal path divides its logits z by
     τ before its own softmax. Halfway through an anneal 1 -> 0.25, τ = 0.625."""
     model = _model(target64, selection_temperature_start=1.0, selection_temperature_end=0.25)

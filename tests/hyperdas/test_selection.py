@@ -94,9 +94,7 @@ def test_global_argmax_ignores_unselectable_sources():
 
 
 def test_groundtruth_maps_last_entity_token_to_last_entity_token():
-    got = apply_selection_mode(
-        A, "groundtruth", ALL_BASE, ALL_SOURCE, torch.tensor([2]), torch.tensor([0])
-    )
+    got = apply_selection_mode(A, "groundtruth", ALL_BASE, ALL_SOURCE, torch.tensor([2]), torch.tensor([0]))
     assert torch.equal(got, one_hot_columns([3, 3, 0, 3]))
 
 

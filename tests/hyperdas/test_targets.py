@@ -23,8 +23,8 @@ def _left_padded_batch(tokenizer, texts):
     ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for b, row in enumerate(rows):
-        ids[b, width - len(row):] = torch.tensor(row)
-        mask[b, width - len(row):] = 1
+        ids[b, width - len(row) :] = torch.tensor(row)
+        mask[b, width - len(row) :] = 1
     return ids, mask
 
 
@@ -92,7 +92,7 @@ def test_checkpointed_layers_give_the_same_gradients(tiny_target_f64):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_eager_kernel_equals_sdpa_states_logits_and_gradients(smollm2, dtype):
-    """"auto" runs HF's eager attention on CPU (faster there); it must equal torch SDPA on a left-padded batch."""
+    """ "auto" runs HF's eager attention on CPU (faster there); it must equal torch SDPA on a left-padded batch."""
     target = build_random_target(tiny_llama_config(len(smollm2.tokenizer)), tokenizer=smollm2.tokenizer, dtype=dtype)
     ids, mask = _left_padded_batch(target.tokenizer, TEXTS)
     end = ids.shape[1] - 1

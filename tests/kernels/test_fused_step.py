@@ -26,8 +26,12 @@ def test_fused_step_equals_pytorch_step(subspace):
     for fused in (False, True):
         torch.manual_seed(0)
         config = HyperDASConfig(
-            target="tiny", intervention_layer=2, das_dimension=3, chop_editor_at_layer=1,
-            subspace_module=subspace, use_fused_kernels=fused,
+            target="tiny",
+            intervention_layer=2,
+            das_dimension=3,
+            chop_editor_at_layer=1,
+            subspace_module=subspace,
+            use_fused_kernels=fused,
         )
         model = HyperDAS(config, target).to(device)
         out = model(batch, loss_weights=weights)

@@ -100,12 +100,20 @@ def test_naive_by_hand():
     positions = torch.tensor([[0, 1]])
     inv_freq = torch.tensor([math.pi / 2], dtype=torch.float64)
     both = torch.tensor([[True, True]])
-    scores = selection_head_naive(base_keys, source_keys, self_keys, query, positions, torch.tensor([0]), inv_freq,
-                                  both, torch.tensor([[True]]))
+    scores = selection_head_naive(
+        base_keys, source_keys, self_keys, query, positions, torch.tensor([0]), inv_freq, both, torch.tensor([[True]])
+    )
     # column 0: K = (1, 5) -> logit 1; SELF (0, 0) -> 0.  column 1: R(0, 5) = (-5, 0) -> -5; R(0, -2) = (2, 0) -> 2
     e = math.e
-    expected = torch.tensor([[[e / (1 + e), math.exp(-5) / (math.exp(-5) + math.exp(2))],
-                              [1 / (1 + e), math.exp(2) / (math.exp(-5) + math.exp(2))]]], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            [
+                [e / (1 + e), math.exp(-5) / (math.exp(-5) + math.exp(2))],
+                [1 / (1 + e), math.exp(2) / (math.exp(-5) + math.exp(2))],
+            ]
+        ],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
     rotated = rope_rotate(torch.tensor([[[0.0, 5.0]]], dtype=torch.float64), torch.tensor([1]), inv_freq)
     torch.testing.assert_close(rotated, torch.tensor([[[-5.0, 0.0]]], dtype=torch.float64), rtol=0, atol=1e-12)
@@ -119,8 +127,17 @@ def test_query_is_rotated_at_its_own_position_by_hand():
     self_keys = torch.zeros(1, 1, 1, 2, dtype=torch.float64)
     query = torch.tensor([[[math.sqrt(2.0), 0.0]]], dtype=torch.float64)
     inv_freq = torch.tensor([math.pi / 2], dtype=torch.float64)
-    args = (base_keys, source_keys, self_keys, query, torch.tensor([[0]]), torch.tensor([1]), inv_freq,
-            torch.tensor([[True]]), torch.tensor([[True]]))
+    args = (
+        base_keys,
+        source_keys,
+        self_keys,
+        query,
+        torch.tensor([[0]]),
+        torch.tensor([1]),
+        inv_freq,
+        torch.tensor([[True]]),
+        torch.tensor([[True]]),
+    )
     e5 = math.exp(5.0)
     expected = torch.tensor([[[e5 / (1 + e5)], [1 / (1 + e5)]]], dtype=torch.float64)
     for path in (selection_head_naive, selection_head_torch):
@@ -141,8 +158,9 @@ def test_logits_depend_on_base_minus_query_position_only(path):
     assert (fn(*moved) - fn(*args)).abs().max() > 1e-3
 
 
-def explicit_loop(base_keys, source_keys, self_keys, query, positions, query_positions, inv_freq, base_mask,
-                  source_mask):
+def explicit_loop(
+    base_keys, source_keys, self_keys, query, positions, query_positions, inv_freq, base_mask, source_mask
+):
     """The selection head with python loops and 2-D rotations of each RoPE pair (f, f + hd/2), q and K alike."""
 
     def rotate(x1, x2, angle):
@@ -160,10 +178,14 @@ def explicit_loop(base_keys, source_keys, self_keys, query, positions, query_pos
                 total = 0.0
                 for h in range(H):
                     for f in range(half):
-                        r1, r2 = rotate(float(key[h, f]), float(key[h, f + half]),
-                                        float(positions[b, j]) * float(inv_freq[f]))
-                        q1, q2 = rotate(float(query[b, h, f]), float(query[b, h, f + half]),
-                                        float(query_positions[b]) * float(inv_freq[f]))
+                        r1, r2 = rotate(
+                            float(key[h, f]), float(key[h, f + half]), float(positions[b, j]) * float(inv_freq[f])
+                        )
+                        q1, q2 = rotate(
+                            float(query[b, h, f]),
+                            float(query[b, h, f + half]),
+                            float(query_positions[b]) * float(inv_freq[f]),
+                        )
                         total += q1 * r1 + q2 * r2
                 selectable = i == Ts or (bool(source_mask[b, i]) and bool(base_mask[b, j]))
                 logits.append(total / H / math.sqrt(hd) if selectable else -math.inf)

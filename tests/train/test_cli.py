@@ -87,8 +87,9 @@ def test_eval_of_a_runs_model_folder_uses_the_runs_data(smollm2, tmp_path, monke
     run = tmp_path / "run"
     model = HyperDAS(HyperDASConfig(intervention_layer=5, chop_editor_at_layer=1, das_dimension=8), smollm2)
     model.save_pretrained(run / "model")
-    save_run_config(load_run_config(None, ["seed=7", "data.attributes=[Continent]", f"out_dir={run}"]),
-                    run / "run_config.yaml")
+    save_run_config(
+        load_run_config(None, ["seed=7", "data.attributes=[Continent]", f"out_dir={run}"]), run / "run_config.yaml"
+    )
     rows = [r for r in make_examples("city", ["Continent"], n_per_kind=2, seed=1) if r["split"] == "test"]
     seen = []
 

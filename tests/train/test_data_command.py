@@ -37,8 +37,12 @@ def test_no_arguments_means_the_main_jobs_data():
     assert request.attributes == ("Country", "Language") and request.isolate_attributes == ("Timezone",)
     assert request.sources == ("wikipedia",)
     verb = data_command.request_from_args(_parse(["--domain", "verb"]))
-    assert verb.asks_for_all and verb.requested_attributes() == ("Definition", "Singular", "Past Tense",
-                                                                 "Pronunciation")
+    assert verb.asks_for_all and verb.requested_attributes() == (
+        "Definition",
+        "Singular",
+        "Past Tense",
+        "Pronunciation",
+    )
 
 
 PLANTED = ["--target", "planted", "--dtype", "float32", "--entities-per-template", "3"]

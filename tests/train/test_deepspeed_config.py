@@ -112,7 +112,11 @@ def test_model_state_bytes_by_hand():
     }
     ddp = resolve_ds_config(read_ds_config(CONFIGS / "ddp.json"), run, 8, "cuda")
     assert model_state_bytes(LLAMA3_8B, ddp, 8, target_bytes_per_param=2) == {
-        "target_weights": 2 * t, "editor_weights": 4 * e, "gradients": 4 * e, "optimizer": 8 * e, "gathered": 0,
+        "target_weights": 2 * t,
+        "editor_weights": 4 * e,
+        "gradients": 4 * e,
+        "optimizer": 8 * e,
+        "gathered": 0,
     }  # = plain PyTorch's: fp32 trained weights and AdamW moments beside a bf16 target
     offload = resolve_ds_config(read_ds_config(CONFIGS / "zero3_offload.json"), run, 1, "cuda")
     assert sum(model_state_bytes(LLAMA3_8B, offload, 1).values()) == 2 * e + 4 * LLAMA3_8B.largest_module
@@ -123,8 +127,16 @@ def test_count_parameters_on_the_meta_device():
 
     from hyperdas.train.memory_fit import count_parameters
 
-    llama3 = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+    llama3 = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    )
     config = HyperDASConfig(target="llama3", intervention_layer=15, das_dimension=128, chop_editor_at_layer=8)
     counts = count_parameters(config, llama3)
     assert counts.target == 8_030_261_248  # Llama-3-8B's published size

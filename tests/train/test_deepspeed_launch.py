@@ -50,11 +50,23 @@ def setup(tmp_path_factory, tiny_target) -> dict:
     tiny_target.model.save_pretrained(root / "target")
     tiny_target.tokenizer.save_pretrained(root / "target")
     run = {
-        "model": {"target": str(root / "target"), "intervention_layer": 1, "das_dimension": 8,
-                  "chop_editor_at_layer": 2, "torch_dtype": "float32", "use_fused_kernels": False},
+        "model": {
+            "target": str(root / "target"),
+            "intervention_layer": 1,
+            "das_dimension": 8,
+            "chop_editor_at_layer": 2,
+            "torch_dtype": "float32",
+            "use_fused_kernels": False,
+        },
         "data": {"domain": "city", "attributes": ["Country"], "max_examples": 40, "sources": ["template"]},
-        "max_steps": STEPS, "global_batch_size": 8, "micro_batch_size": 4, "eval_batch_size": 4,
-        "eval_max_examples": 8, "eval_modes": ["soft", "column_argmax"], "precision": "fp32", "save_every": 2,
+        "max_steps": STEPS,
+        "global_batch_size": 8,
+        "micro_batch_size": 4,
+        "eval_batch_size": 4,
+        "eval_max_examples": 8,
+        "eval_modes": ["soft", "column_argmax"],
+        "precision": "fp32",
+        "save_every": 2,
         "heatmap_examples": 0,
         # the launchers must agree exactly: the state cache batches prompts by process, which changes fp32 rounding
         "state_cache": "off",
@@ -63,14 +75,26 @@ def setup(tmp_path_factory, tiny_target) -> dict:
     config_path.write_text(yaml.safe_dump(run))
     cache = root / "cache"
     # an empty torch extensions folder: no launch may build (or wait for) a DeepSpeed op there
-    env = dict(os.environ, HYPERDAS_CACHE=str(cache), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               TORCH_EXTENSIONS_DIR=str(root / "torch_extensions"))
+    env = dict(
+        os.environ,
+        HYPERDAS_CACHE=str(cache),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        TORCH_EXTENSIONS_DIR=str(root / "torch_extensions"),
+    )
     request = load_run_config(config_path).data_request()
     features = Features({name: Value("string") for name in FIELDS})
     splits = {}
     for split, size in (("train", 32), ("test", 8)):
-        samplers = pair_samplers(request.domain, request.requested_attributes(), split, None, request.seed,
-                                 request.isolate_attributes, request.sources)
+        samplers = pair_samplers(
+            request.domain,
+            request.requested_attributes(),
+            split,
+            None,
+            request.seed,
+            request.isolate_attributes,
+            request.sources,
+        )
         rows = [row for sampler in samplers.values() for row in sampler.take(size // len(samplers))]
         splits[split] = Dataset.from_list(rows, features=features)
     with pytest.MonkeyPatch.context() as patch:
@@ -95,8 +119,9 @@ def _assert_same_metrics(got, expected, where: str = "metrics") -> None:
 
 
 def _run(command: list[str], setup: dict, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=setup["env"], capture_output=True, text=True, timeout=TIMEOUT_S,
-                            cwd=setup["root"])
+    result = subprocess.run(
+        command, env=setup["env"], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=setup["root"]
+    )
     if expect_ok and result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         raise AssertionError(f"{command} failed ({result.returncode}):\n{output}")
@@ -106,8 +131,9 @@ def _run(command: list[str], setup: dict, expect_ok: bool = True) -> subprocess.
 @pytest.fixture(scope="module")
 def plain_run(setup) -> Path:
     out = setup["root"] / "plain"
-    _run([sys.executable, "-m", "hyperdas.train.cli", "train", "--config", str(setup["config"]), f"out_dir={out}"],
-         setup)
+    _run(
+        [sys.executable, "-m", "hyperdas.train.cli", "train", "--config", str(setup["config"]), f"out_dir={out}"], setup
+    )
     return out
 
 
@@ -156,57 +182,127 @@ def _assert_same_run(run: Path, reference: Path, same_arithmetic: bool = True) -
 
 
 def _torchrun(*args: str, processes: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-            str(free_local_port()), str(LAUNCH), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_local_port()),
+        str(LAUNCH),
+        *args,
+    ]
 
 
 @pytest.fixture(scope="module")
 def zero3_run(setup) -> Path:
     out = setup["root"] / "zero3"
-    _run(_torchrun("--config", str(setup["config"]), "--deepspeed", str(setup["root"] / "zero3.json"),
-                   f"out_dir={out}"), setup)
+    _run(
+        _torchrun("--config", str(setup["config"]), "--deepspeed", str(setup["root"] / "zero3.json"), f"out_dir={out}"),
+        setup,
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def zero3_one_process(setup) -> Path:
     out = setup["root"] / "zero3_one"
-    _run(_torchrun("--config", str(setup["config"]), "--deepspeed", str(setup["root"] / "zero3.json"),
-                   f"out_dir={out}", processes=1), setup)
+    _run(
+        _torchrun(
+            "--config",
+            str(setup["config"]),
+            "--deepspeed",
+            str(setup["root"] / "zero3.json"),
+            f"out_dir={out}",
+            processes=1,
+        ),
+        setup,
+    )
     return out
 
 
-def test_torchrun_zero3_matches_hyperdas_train_and_exports_for_hyperdas_eval(setup, plain_run, zero3_run,
-                                                                             zero3_one_process):
+def test_torchrun_zero3_matches_hyperdas_train_and_exports_for_hyperdas_eval(
+    setup, plain_run, zero3_run, zero3_one_process
+):
     out = zero3_run
     _assert_same_run(out, zero3_one_process)
     _assert_same_run(out, plain_run, same_arithmetic=False)
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert checkpoints == ["step_000002", "step_000003"]
     assert {p.name for p in (out / "checkpoints" / "step_000002" / "deepspeed").iterdir()} >= {
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    }
     evaluated = setup["root"] / "eval"
-    _run([sys.executable, "-m", "hyperdas.train.cli", "eval", "--checkpoint", str(out), "--modes",
-          "soft,column_argmax", "--max-examples", "8", "--batch-size", "4", "--out", str(evaluated)], setup)
-    _assert_same_metrics(json.loads((evaluated / "metrics.json").read_text()),
-                         json.loads((out / "metrics.json").read_text()))
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "hyperdas.train.cli",
+            "eval",
+            "--checkpoint",
+            str(out),
+            "--modes",
+            "soft,column_argmax",
+            "--max-examples",
+            "8",
+            "--batch-size",
+            "4",
+            "--out",
+            str(evaluated),
+        ],
+        setup,
+    )
+    _assert_same_metrics(
+        json.loads((evaluated / "metrics.json").read_text()), json.loads((out / "metrics.json").read_text())
+    )
     assert not [p for p in (setup["root"] / "torch_extensions").rglob("*") if p.is_file()]  # no op was built
 
 
 def test_deepspeed_launcher_runs_zero2(setup, plain_run):
     # (with --hostfile the launcher reaches every host, localhost included, over passwordless ssh: not in CI)
     out = setup["root"] / "zero2"
-    _run([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_local_port()), str(LAUNCH), "--config",
-          str(setup["config"]), "--deepspeed", str(REPO / "train" / "configs" / "zero2.json"), f"out_dir={out}"],
-         setup)
+    _run(
+        [
+            *DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_local_port()),
+            str(LAUNCH),
+            "--config",
+            str(setup["config"]),
+            "--deepspeed",
+            str(REPO / "train" / "configs" / "zero2.json"),
+            f"out_dir={out}",
+        ],
+        setup,
+    )
     _assert_same_run(out, plain_run)  # ZeRO-2 adds no hooks to the model: the same arithmetic as one process
 
 
 def test_missing_hostfile_stops_with_a_clear_message(setup):
     missing = setup["root"] / "no_hostfile"
-    result = _run([*DEEPSPEED, "--hostfile", str(missing), "--num_gpus", "1", "--master_port", str(free_local_port()),
-                   str(LAUNCH), "--config", str(setup["config"]), "--deepspeed", str(setup["root"] / "zero3.json"),
-                   f"out_dir={setup['root'] / 'never'}"], setup, expect_ok=False)
+    result = _run(
+        [
+            *DEEPSPEED,
+            "--hostfile",
+            str(missing),
+            "--num_gpus",
+            "1",
+            "--master_port",
+            str(free_local_port()),
+            str(LAUNCH),
+            "--config",
+            str(setup["config"]),
+            "--deepspeed",
+            str(setup["root"] / "zero3.json"),
+            f"out_dir={setup['root'] / 'never'}",
+        ],
+        setup,
+        expect_ok=False,
+    )
     assert result.returncode != 0
     assert f"hostfile {missing} not found" in result.stdout + result.stderr
     assert not (setup["root"] / "never").exists()
@@ -215,8 +311,9 @@ def test_missing_hostfile_stops_with_a_clear_message(setup):
 def test_zero3_run_killed_after_step_2_resumes_to_the_same_losses(setup, zero3_run):
     """A run killed after its step-2 checkpoint: the folder as it was then, continued with resume=DIR."""
     killed = setup["root"] / "killed"
-    shutil.copytree(zero3_run, killed, ignore=shutil.ignore_patterns("model", "metrics.json", "report.md",
-                                                                     "step_000003"))
+    shutil.copytree(
+        zero3_run, killed, ignore=shutil.ignore_patterns("model", "metrics.json", "report.md", "step_000003")
+    )
     (killed / "checkpoints" / "latest").write_text("step_000002\n")
     _run(_torchrun(f"resume={killed}"), setup)  # the DeepSpeed JSON comes from the run folder's config
     resumed, uninterrupted = _log(killed), _log(zero3_run)
@@ -247,10 +344,17 @@ print(json.dumps({"clone_before": before, "clone_after": groups._WORLD_GROUP is 
 def test_leaving_drops_deepspeeds_group_references(setup):
     """torch's destroy alone keeps DeepSpeed's clone of the world group alive into interpreter teardown, where gloo
     can abort a finished process (exit -6); `leave_distributed` must destroy the groups and drop that clone."""
-    env = dict(setup["env"], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_local_port()))
-    result = subprocess.run([sys.executable, "-c", LEAVE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=TIMEOUT_S)
+    env = dict(
+        setup["env"],
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_local_port()),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", LEAVE_SCRIPT], env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads(result.stdout.strip().splitlines()[-1])
     assert state == {"clone_before": True, "clone_after": False, "initialized_after": False}
@@ -274,11 +378,19 @@ def test_joining_builds_no_deepspeed_op_and_ignores_a_stale_build_lock(setup, tm
     build_dir.mkdir(parents=True)
     (build_dir / "lock").touch()
     planted = sorted(extensions.rglob("*"))
-    env = dict(setup["env"], TORCH_EXTENSIONS_DIR=str(extensions), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_local_port()))
+    env = dict(
+        setup["env"],
+        TORCH_EXTENSIONS_DIR=str(extensions),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_local_port()),
+    )
     try:
-        result = subprocess.run([sys.executable, "-c", JOIN_SCRIPT], env=env, capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", JOIN_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+        )
     except subprocess.TimeoutExpired as err:
         raise AssertionError(f"joining hung (waiting on the stale lock in {build_dir}?)") from err
     assert result.returncode == 0, result.stderr[-3000:]

@@ -55,10 +55,19 @@ def _run_worker(out: Path, *args: str, processes: int) -> Path:
     if "plain" in args:
         command = [sys.executable, str(WORKER)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(free_local_port()), str(WORKER)]
-    result = subprocess.run([*command, "--out", str(out), *args], env=env, capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT_S)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_local_port()),
+            str(WORKER),
+        ]
+    result = subprocess.run(
+        [*command, "--out", str(out), *args], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
     if result.returncode != 0:
         raise AssertionError(f"worker failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return out
@@ -97,15 +106,15 @@ def plain_run(workdir) -> Path:
 def zero3_run(workdir) -> Path:
     ds = _ds_json(workdir, "zero3.json")
     # with gradient checkpointing of the editor and of target layers k..end; the reference runs without
-    return _run_worker(workdir / "zero3", "--engine", "deepspeed", "--ds", str(ds), "--checkpointing",
-                       *_common(workdir), processes=2)
+    return _run_worker(
+        workdir / "zero3", "--engine", "deepspeed", "--ds", str(ds), "--checkpointing", *_common(workdir), processes=2
+    )
 
 
 @pytest.fixture(scope="module")
 def zero3_one_process(workdir) -> Path:
     ds = _ds_json(workdir, "zero3.json")
-    return _run_worker(workdir / "zero3_one", "--engine", "deepspeed", "--ds", str(ds), *_common(workdir),
-                       processes=1)
+    return _run_worker(workdir / "zero3_one", "--engine", "deepspeed", "--ds", str(ds), *_common(workdir), processes=1)
 
 
 def _curves(run: Path) -> dict[str, dict[int, float]]:
@@ -169,11 +178,14 @@ def test_zero3_gradients_equal_the_single_process_ones_to_float32_rounding(workd
     Recomputing activations (checkpointing) is the same arithmetic again: bitwise equal."""
     ds = _ds_json(workdir, "zero3.json")
     grad_args = ["--target", str(workdir / "target"), "--global-batch", "8", "--micro-batch", "2", "--grads"]
-    zero3 = torch.load(_run_worker(workdir / "grads_zero3", "--engine", "deepspeed", "--ds", str(ds), *grad_args,
-                                   processes=2) / "grads.pt")
+    zero3 = torch.load(
+        _run_worker(workdir / "grads_zero3", "--engine", "deepspeed", "--ds", str(ds), *grad_args, processes=2)
+        / "grads.pt"
+    )
     plain = torch.load(_run_worker(workdir / "grads_plain", "--engine", "plain", *grad_args, processes=1) / "grads.pt")
-    exact = torch.load(_run_worker(workdir / "grads_float64", "--engine", "plain", "--float64", *grad_args,
-                                   processes=1) / "grads.pt")
+    exact = torch.load(
+        _run_worker(workdir / "grads_float64", "--engine", "plain", "--float64", *grad_args, processes=1) / "grads.pt"
+    )
     assert sorted(zero3["on"]) == sorted(plain["off"]) == sorted(exact["off"]) and len(plain["off"]) > 10
     u = 2.0**-24
     for name, reference in exact["off"].items():

@@ -24,10 +24,19 @@ def test_pairs_that_move_nothing_fill_up_only_when_too_few_move():
 
 
 def test_each_half_spreads_over_attributes_and_kinds_while_it_can():
-    rows = [{"index": i, "base_entity_share": s, "attribute": a, "attribute_type": k}
-            for i, (s, a, k) in enumerate([(0.9, "Country", "causal"), (0.8, "Country", "causal"),
-                                           (0.7, "Continent", "causal"), (0.2, "Country", "isolate"),
-                                           (0.1, "Country", "isolate"), (0.05, "Continent", "isolate")])]
+    rows = [
+        {"index": i, "base_entity_share": s, "attribute": a, "attribute_type": k}
+        for i, (s, a, k) in enumerate(
+            [
+                (0.9, "Country", "causal"),
+                (0.8, "Country", "causal"),
+                (0.7, "Continent", "causal"),
+                (0.2, "Country", "isolate"),
+                (0.1, "Country", "isolate"),
+                (0.05, "Continent", "isolate"),
+            ]
+        )
+    ]
     assert [r["index"] for r in pick_heatmap_pairs(rows, 4)] == [0, 2, 5, 4]
     assert [r["index"] for r in pick_heatmap_pairs(rows, 6)] == [0, 2, 1, 5, 4, 3]
     assert [r["index"] for r in pick_heatmap_pairs(rows, 2)] == [0, 5]

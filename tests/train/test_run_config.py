@@ -12,8 +12,10 @@ from hyperdas.train.config import CONFIG_DIR, load_run_config, resolve_deepspeed
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.das_dimension=3.5", "config key model.das_dimension: Value '3.5' of type 'float' could not be "
-                                    "converted to Integer"),
+        (
+            "model.das_dimension=3.5",
+            "config key model.das_dimension: Value '3.5' of type 'float' could not be converted to Integer",
+        ),
         ("model.intervention_layer=10.5", "config key model.intervention_layer"),
         ("epochs=2.5", "config key epochs: Value '2.5'"),
         ("optim.editor_lr=fast", "config key optim.editor_lr: Value 'fast' of type 'str' could not be converted"),
@@ -28,8 +30,10 @@ from hyperdas.train.config import CONFIG_DIR, load_run_config, resolve_deepspeed
         ("data.attributes=[Mayor]", "unknown attribute 'Mayor' for RAVEL domain 'city'"),
         ("data.domain=town", "unknown RAVEL domain 'town'"),
         ("model.subspace_module=Boundless", "Invalid value 'Boundless', expected one of [ReflectSelect, MaskSelect"),
-        ("model.num_editng_heads=3", "unknown config key(s) ['model.num_editng_heads']; did you mean "
-                                     "model.num_editing_heads?"),
+        (
+            "model.num_editng_heads=3",
+            "unknown config key(s) ['model.num_editng_heads']; did you mean model.num_editing_heads?",
+        ),
         ("no_such_key=1", "unknown config key(s) ['no_such_key']"),
         ("state_cache=ram", "config key state_cache: Invalid value 'ram', expected one of [auto, memory, disk, off]"),
         ("model.use_fused_kernels=true", "model.use_fused_kernels=true needs a CUDA device"),
@@ -108,6 +112,10 @@ def test_train_help_lists_every_key_and_each_domains_attributes(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for line in ("model.intervention_layer: int = 10", "state_cache: auto|memory|disk|off = auto",
-                 "verb: Definition, Singular, Past Tense, Pronunciation", "resume=DIR continues DIR"):
+    for line in (
+        "model.intervention_layer: int = 10",
+        "state_cache: auto|memory|disk|off = auto",
+        "verb: Definition, Singular, Past Tense, Pronunciation",
+        "resume=DIR continues DIR",
+    ):
         assert line in text

@@ -116,8 +116,16 @@ def test_run_writes_the_run_folder(tiny_run):
     trainer = Trainer(config, setup)
     metrics = trainer.run()
     out = trainer.out_dir
-    for name in ("metrics.json", "report.md", "selection_heatmap.png", "run_config.yaml", "train_log.jsonl",
-                 "selection_positions.png", "subspace_pca.png", "subspace_analysis.safetensors"):
+    for name in (
+        "metrics.json",
+        "report.md",
+        "selection_heatmap.png",
+        "run_config.yaml",
+        "train_log.jsonl",
+        "selection_positions.png",
+        "subspace_pca.png",
+        "subspace_analysis.safetensors",
+    ):
         assert (out / name).is_file(), name
     from safetensors import safe_open
 
@@ -138,8 +146,11 @@ def test_run_writes_the_run_folder(tiny_run):
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_000004", "step_000005"]  # the last two are kept
     trained = sorted(set(trainer.data.train["attribute"]))
-    assert len(trained) >= 1 and HyperDAS.from_pretrained(out / "model", target=trainer.engine.model.target).config \
-        .trained_attributes == trained
+    assert (
+        len(trained) >= 1
+        and HyperDAS.from_pretrained(out / "model", target=trainer.engine.model.target).config.trained_attributes
+        == trained
+    )
 
 
 def test_a_crash_loses_only_the_steps_since_the_last_checkpoint(tiny_run, tmp_path, monkeypatch):
