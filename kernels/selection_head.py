@@ -560,7 +560,7 @@ def _check_triton(*tensors: torch.Tensor) -> None:
                 f"{tensor.dtype}; use use_triton=False for other dtypes"
             )
     if not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
+        raise ValueError(
             f"the Triton selection head needs CUDA tensors (got device {tensors[0].device}) or "
             "TRITON_INTERPRET=1 set before triton is imported; use use_triton=False on CPU"
         )

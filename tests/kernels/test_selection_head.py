@@ -362,6 +362,14 @@ def test_clear_errors():
         selection_head(*[t.double() if i < 4 else t for i, t in enumerate(args)], use_triton=True)
 
 
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    """A wrong device is a ValueError (which the CLI reports in one line), as in the other two kernels."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = [t.detach() for t in make_inputs(2, 5, 7, 3, 8, dtype=torch.float32, seed=11)]
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        selection_head(*args, use_triton=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CUDA: Llama-3-8B shapes (the CPU tests above are their twins at small shapes)
 # ---------------------------------------------------------------------------------------------------------
