@@ -35,6 +35,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+#: the two-pass step's part that a state cache replaces (bench/test_training_step.py's cached step leaves it out)
+NO_GRAD_PASS = "no-grad pass (base+source)"
+
 
 @dataclass(frozen=True)
 class StepShape:
@@ -120,7 +123,7 @@ def step_macs(config, shape: StepShape) -> dict[str, dict[str, float]]:
     selection_two = B * (12 * T + 3) * D * D + scores
     selection_four = B * (7 * T * T + 3 * T + 3) * D * D + scores
     two = {
-        "no-grad pass (base+source)": layers_fwd(2 * B, n_layers),
+        NO_GRAD_PASS: layers_fwd(2 * B, n_layers),
         "grad pass k..end (T - 1 columns), fwd+bwd": grad_pass,
         "LM head (label positions), fwd+bwd": 2 * B * P * D * V,
         "editor (selectable tokens' keys), fwd+bwd": editor_macs(W),

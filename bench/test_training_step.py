@@ -27,7 +27,7 @@ from hyperdas.targets import build_random_target, load_target
 from hyperdas.testing import make_batch, tiny_llama_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flop_model import StepShape, step_macs  # noqa: E402
+from flop_model import NO_GRAD_PASS, StepShape, step_macs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = {
@@ -46,10 +46,13 @@ CASES = {
 _TARGETS: dict[str, object] = {}
 
 
-def _setup(case: str, **changes):
+def _setup(case: str, editor_layers: int | None = None, batch_size: int | None = None):
+    """The case's model, optimizer and batch; ``editor_layers`` / ``batch_size`` replace the case's L / B."""
     build, overrides, shape = CASES[case]
-    overrides = {**overrides, **{k: v for k, v in changes.items() if k == "chop_editor_at_layer"}}
-    shape = {**shape, **{k: v for k, v in changes.items() if k == "batch"}}
+    if editor_layers is not None:
+        overrides = {**overrides, "chop_editor_at_layer": editor_layers}
+    if batch_size is not None:
+        shape = {**shape, "batch": batch_size}
     if case not in _TARGETS:
         _TARGETS[case] = build().to(DEVICE)
     target = _TARGETS[case]
@@ -102,7 +105,7 @@ SCALING = [(2, 16), (4, 16), (8, 16), (2, 8), (2, 32)]  # (editor layers L, batc
 @pytest.mark.parametrize(("editor_layers", "batch_size"), SCALING)
 def test_cached_step_scaling(benchmark, memory_probe, editor_layers, batch_size):
     case = "smollm2-135m B=16"
-    model, optimizer, batch, _ = _setup(case, chop_editor_at_layer=editor_layers, batch=batch_size)
+    model, optimizer, batch, _ = _setup(case, editor_layers=editor_layers, batch_size=batch_size)
     weights = LossWeights(sparsity=0.5)
     states = model.target_states(batch)
     benchmark.group = "cached step scaling"
@@ -129,5 +132,5 @@ def test_cached_step_scaling(benchmark, memory_probe, editor_layers, batch_size)
             intervention_layer=model.config.intervention_layer,
         ),
     )["two_pass"]
-    cached = {k: v for k, v in flops.items() if not k.startswith("no-grad")}  # the cache replaces that pass
+    cached = {k: v for k, v in flops.items() if k != NO_GRAD_PASS}  # the cache replaces that pass
     benchmark.extra_info.update(pairs_per_second=batch_size / median, tflops=2 * sum(cached.values()) / median / 1e12)

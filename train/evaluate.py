@@ -156,7 +156,7 @@ def evaluate(
                 soft = out.selections.get("soft")
                 for b, index in enumerate(indices):
                     if soft is not None and heatmap_examples > 0 and index not in heatmaps:
-                        heatmaps[index] = _heatmap_entry(batch, soft, b, data.collator.tokenizer)
+                        heatmaps[index] = _heatmap_entry(batch, soft, b)
                 fresh = [b for b, index in enumerate(indices) if index not in described]
                 described.update(indices)
                 for key, value in out.analysis.items():
@@ -181,7 +181,7 @@ def evaluate(
     if heatmaps and "soft" in stats:
         shown = [r for r in stats["soft"] if r["index"] in heatmaps]
         for row in pick_heatmap_pairs(shown, heatmap_examples):
-            entry = heatmaps[row["index"]]
+            entry = _decoded(heatmaps[row["index"]], data.collator.tokenizer)
             share = row["base_entity_share"]
             on_entity = "nothing moved" if share is None else f"{100 * share:.0f}% of moved mass on the base entity"
             pictured.append(entry | {"title": f"{entry['title']}: {on_entity}"})
@@ -216,7 +216,9 @@ def pick_heatmap_pairs(rows: list[dict], count: int) -> list[dict]:
     return picked
 
 
-def _heatmap_entry(batch: dict, selection: torch.Tensor, b: int, tokenizer) -> dict:
+def _heatmap_entry(batch: dict, selection: torch.Tensor, b: int) -> dict:
+    """Pair ``b``'s soft selection over its real tokens (labels left out) and its token ids, undecoded: every
+    pair is kept until the pictured ones are picked, and only those are decoded (``_decoded``)."""
     base_real = batch["base_attention_mask"][b].bool().cpu()
     source_real = batch["source_attention_mask"][b].bool().cpu()
     label_count = int((batch["label_ids"][b] != -100).sum())
@@ -226,9 +228,19 @@ def _heatmap_entry(batch: dict, selection: torch.Tensor, b: int, tokenizer) -> d
     keep = len(base_ids) - label_count  # drop the teacher-forced label tokens from the picture
     return {
         "selection": a[:, :keep].numpy(),
-        "base_tokens": [tokenizer.decode([t]) for t in base_ids[:keep]],
-        "source_tokens": [tokenizer.decode([t]) for t in batch["source_input_ids"][b][source_real].tolist()] + ["SELF"],
+        "base_ids": base_ids[:keep],
+        "source_ids": batch["source_input_ids"][b][source_real].tolist(),
         "title": f"{batch['attribute'][b]} ({batch['attribute_type'][b]})",
+    }
+
+
+def _decoded(entry: dict, tokenizer) -> dict:
+    """A ``_heatmap_entry`` as ``save_selection_heatmaps`` takes it: token strings, SELF after the source's."""
+    return {
+        "selection": entry["selection"],
+        "base_tokens": [tokenizer.decode([t]) for t in entry["base_ids"]],
+        "source_tokens": [tokenizer.decode([t]) for t in entry["source_ids"]] + ["SELF"],
+        "title": entry["title"],
     }
 
 
