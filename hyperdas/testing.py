@@ -109,7 +109,7 @@ class PlantedTarget:
     def logits_at(self, input_ids, attention_mask, positions):
         self.calls += 1
         self.rows_seen += input_ids.shape[0]
-        assert attention_mask[:, -1].all(), "rows must be left padded"
+        assert attention_mask.all(), "known-prompt checking must not pad a row (its answer would depend on its batch)"
         following = input_ids.gather(1, positions + 1)  # (B, P)
         texts = [self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(input_ids, attention_mask, strict=True)]
         knows = torch.tensor([self.knows(t) for t in texts])[:, None]

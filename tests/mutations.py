@@ -207,6 +207,13 @@ MUTATIONS = (
         "SHM_COMM_OP.upper()",
         ("tests/train/test_deepspeed_launch.py::test_joining_builds_no_deepspeed_op_and_ignores_a_stale_build_lock",),
     ),
+    Mutation(
+        "known prompts checked in padded batches (a bf16 answer then depends on its batch)",
+        "hyperdas/data/known.py",
+        "equal_length_batches([len(r) + len(lab) for r, lab in zip(rows, labels, strict=True)], batch_size)",
+        "equal_length_batches([0] * len(rows), batch_size)",
+        ("tests/hyperdas/test_data_known.py",),
+    ),
 )
 
 

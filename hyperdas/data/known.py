@@ -12,9 +12,12 @@ alone. The universe therefore does not depend on the run's seed, the requested a
 and a larger universe contains every smaller one, so the table only ever grows.
 
 The table lives at ``cache_root()/"known"/<target>-<fingerprint>-<dtype>-<domain>-v<KNOWN_FORMAT_VERSION>.json``:
-{prompt key: known}. Checking is batched, left padded, sorted by length and computes logits at the label
-positions only (``FrozenTarget.logits_at``); the prompt is tokenised exactly as the collator tokenises a base
-prompt, so a prompt is checked on the very tokens it is trained and evaluated on.
+{prompt key: known}. Checking is batched and computes logits at the label positions only
+(``FrozenTarget.logits_at``); the prompt is tokenised exactly as the collator tokenises a base prompt, so a
+prompt is checked on the very tokens it is trained and evaluated on. A batch holds rows of one length only, so no
+row is ever padded: in bf16 a padded row's near-tie argmax can flip with the padding its batch happens to need,
+which would make "known" depend on which other prompts were checked beside it. Without padding each row's answer
+is that of the prompt run alone.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from hyperdas.data.ravel import RavelDomain
 from hyperdas.metrics import label_exact_match
 
 #: Bump when what "known" means or how a prompt is tokenised changes, so old tables are not reused.
-KNOWN_FORMAT_VERSION = 1
+KNOWN_FORMAT_VERSION = 2  # v2: rows checked unpadded (v1 tables depend on their batches' padding)
 
 
 @dataclass(frozen=True, order=True)
@@ -84,7 +87,7 @@ def check_prompts(
         target: a ``FrozenTarget`` (or anything with ``tokenizer``, ``device`` and ``logits_at``).
         domain: the domain the prompts' entities belong to (their values).
         prompts: the prompts to check.
-        batch_size: prompts per forward pass.
+        batch_size: the most prompts per forward pass (a batch holds prompts of one token length only).
         progress: True for a progress bar of its own, False for none, or a tqdm bar to advance.
 
     Returns:
@@ -101,13 +104,12 @@ def check_prompts(
         tokenizer, [a for a, _ in parts], [b for _, b in parts], [domain.value(p.entity, p.attribute) for p in prompts]
     )
     rows = [lead + a + b for a, b in zip(prefixes, suffixes, strict=True)]
-    order = sorted(range(len(prompts)), key=lambda i: len(rows[i]) + len(labels[i]))
     bar = progress if isinstance(progress, tqdm) else tqdm(total=len(prompts), unit="prompt", disable=not progress)
     known = [False] * len(prompts)
     device = target.device
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
+    for batch in equal_length_batches([len(r) + len(lab) for r, lab in zip(rows, labels, strict=True)], batch_size):
         ids, mask, offsets = left_pad([rows[i] + labels[i] for i in batch], pad_id)
+        assert mask.all(), "a checking batch must hold rows of one length (no padding)"
         positions, label_ids = label_tensors(
             [labels[i] for i in batch], [off + len(rows[i]) for off, i in zip(offsets, batch, strict=True)]
         )
@@ -119,6 +121,18 @@ def check_prompts(
     if bar is not progress:
         bar.close()
     return known
+
+
+def equal_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of at most ``batch_size`` whose rows all have one length, shortest first."""
+    by_length: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(i)
+    return [
+        group[start : start + batch_size]
+        for _, group in sorted(by_length.items())
+        for start in range(0, len(group), batch_size)
+    ]
 
 
 def _slug(text: str) -> str:
