@@ -9,11 +9,12 @@
 3. Attributes asked for as "all" that leave too little data are dropped with a notice: an attribute whose
    causal pairs cannot fill half its share in a split (a 135M target never produces verb Definitions whole).
 
-The dataset is saved under ``cache_root()/"data"/<key>`` (or exactly at ``out``), the key hashing the request
-and ``DATA_FORMAT_VERSION``. The folder holds the ``datasets.DatasetDict`` (``save_to_disk``), ``request.json``
-and ``filter_report.json`` (known prompts per attribute and split; kept examples, pool sizes and label ties per
-split, attribute and kind; dropped attributes). It is written to a temporary folder first and renamed into
-place, so an interrupted build leaves nothing half-written behind. A saved dataset made with another target
+The dataset is saved under ``cache_root()/"data"/<key>`` (or exactly at ``out``), the key hashing the request,
+``DATA_FORMAT_VERSION`` and ``KNOWN_FORMAT_VERSION``. The folder holds the ``datasets.DatasetDict``
+(``save_to_disk``), ``request.json`` and ``filter_report.json`` (known prompts per attribute and split; kept
+examples, pool sizes and label ties per split, attribute and kind; dropped attributes). It is written to a
+temporary folder first and renamed into place, so an interrupted build leaves nothing half-written behind. A
+saved dataset made with another target
 fingerprint than the given target's is rebuilt.
 """
 
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from hyperdas.cache import cache_root
+from hyperdas.data import known as known_prompts
 from hyperdas.data.collate import label_token_ids
 from hyperdas.data.examples import (
     ATTRIBUTE_TYPES,
@@ -127,8 +129,10 @@ class DataRequest:
         return self
 
     def key(self) -> str:
-        """The cache key: a hash of the request (target name included) and ``DATA_FORMAT_VERSION``."""
-        payload = json.dumps({"request": asdict(self), "format": DATA_FORMAT_VERSION}, sort_keys=True)
+        """The cache key: a hash of the request (target name included), ``DATA_FORMAT_VERSION`` and the known-prompt
+        table's format (a dataset drawn from an older table's verdicts is not reused)."""
+        versions = {"format": DATA_FORMAT_VERSION, "known_format": known_prompts.KNOWN_FORMAT_VERSION}
+        payload = json.dumps({"request": asdict(self), **versions}, sort_keys=True)
         return f"{self.domain}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 

@@ -209,6 +209,11 @@ def test_the_key_hashes_request_target_dtype_and_format(monkeypatch):
     before = request.key()
     monkeypatch.setattr(build_module, "DATA_FORMAT_VERSION", build_module.DATA_FORMAT_VERSION + 1)
     assert request.key() != before
+    from hyperdas.data import known as known_module
+
+    before = request.key()  # data drawn from an older known-prompt table is not reused
+    monkeypatch.setattr(known_module, "KNOWN_FORMAT_VERSION", known_module.KNOWN_FORMAT_VERSION + 1)
+    assert request.key() != before
 
 
 def test_on_the_embedded_default_doing_nothing_causes_nothing(smollm2, cache_root):
