@@ -11,8 +11,9 @@ trained, with which global batch, whatever the number of processes.
         --deepspeed train/configs/zero3.json
     deepspeed --num_gpus 8 train/launch.py --config train/configs/llama3_8b_city.yaml \\
         --deepspeed train/configs/zero3.json
-    # several nodes, listed in a hostfile ("host slots=8" per line)
-    deepspeed --hostfile hostfile train/launch.py --config train/configs/llama3_8b_city.yaml \\
+    # several nodes, listed in a hostfile ("host slots=8" per line); the script is given the same hostfile
+    # so it can check the launcher used it (the launcher only warns about a missing one and trains locally)
+    deepspeed --hostfile hostfile train/launch.py --hostfile hostfile --config train/configs/llama3_8b_city.yaml \\
         --deepspeed train/configs/zero3.json
     # continue a run from its last checkpoint (same data order)
     torchrun --nproc_per_node 8 train/launch.py resume=runs/llama3-8b-city
@@ -29,8 +30,6 @@ import socket
 import sys
 from pathlib import Path
 
-#: how many parent processes to look through for the deepspeed launcher's command line.
-_ANCESTORS_SEARCHED = 4
 _HOSTFILE_LINE = re.compile(r"^\s*(\S+)\s+slots\s*=\s*(\d+)\s*$")
 
 
@@ -40,56 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--deepspeed", default=None, help="DeepSpeed JSON (default: the run config's `deepspeed` field)"
     )
+    parser.add_argument(
+        "--hostfile",
+        type=Path,
+        default=None,
+        help="the hostfile given to the deepspeed launcher: checked, and its slots compared with the processes started",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides, as for hyperdas train")
     return parser
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        return []
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[1])
-
-
-def launcher_hostfile() -> Path | None:
-    """The ``--hostfile`` given to the deepspeed launcher that started this process, if any (Linux only).
-
-    The launcher itself only warns about a missing hostfile and then trains on the local node alone; this
-    lets the entry script stop with a clear error instead.
-    """
-    pid = os.getpid()
-    for _ in range(_ANCESTORS_SEARCHED):
-        pid = _parent(pid)
-        if not pid or pid <= 1:
-            return None
-        argv = _cmdline(pid)
-        if not any(Path(a).name == "deepspeed" for a in argv[:2]):
-            continue
-        for i, arg in enumerate(argv):
-            value = None
-            if arg in ("--hostfile", "-H") and i + 1 < len(argv):
-                value = argv[i + 1]
-            elif arg.startswith("--hostfile="):
-                value = arg.split("=", 1)[1]
-            if value is not None:
-                path = Path(value)
-                if not path.is_absolute():
-                    try:
-                        path = Path(os.readlink(f"/proc/{pid}/cwd")) / path
-                    except OSError:
-                        pass
-                return path
-        return None
-    return None
 
 
 def check_hostfile(path: Path) -> dict[str, int]:
@@ -121,6 +79,21 @@ def check_hostfile(path: Path) -> dict[str, int]:
     return hosts
 
 
+def check_world_matches_hostfile(hosts: dict[str, int], world_size: int, path: Path) -> None:
+    """Refuse a launch whose process count is not the hostfile's slot count (the launcher fell back to one node).
+
+    Raises:
+        ValueError: ``world_size`` differs from the sum of the slots.
+    """
+    slots = sum(hosts.values())
+    if world_size != slots:
+        raise ValueError(
+            f"hostfile {path} lists {slots} slots on {len(hosts)} hosts but {world_size} processes were started: "
+            "the launcher did not use this hostfile (a different --hostfile, or --include/--num_gpus narrowed it); "
+            "give the script the hostfile the launcher really uses, or none"
+        )
+
+
 def free_local_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a group's rendezvous)."""
     with socket.socket() as s:
@@ -140,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
     try:
-        hostfile = launcher_hostfile()
-        if hostfile is not None:
-            check_hostfile(hostfile)
+        if args.hostfile is not None:
+            hosts = check_hostfile(args.hostfile)
+            check_world_matches_hostfile(hosts, int(os.environ.get("WORLD_SIZE", "1")), args.hostfile)
         return _train(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"train/launch.py (rank {rank}): error: {err}", file=sys.stderr)

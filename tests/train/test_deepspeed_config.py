@@ -12,7 +12,7 @@ pytest.importorskip("deepspeed")
 from hyperdas.config import HyperDASConfig  # noqa: E402
 from hyperdas.train.config import RunConfig  # noqa: E402
 from hyperdas.train.ds_config import DeepSpeedConfigError, read_ds_config, resolve_ds_config  # noqa: E402
-from hyperdas.train.launch import check_hostfile  # noqa: E402
+from hyperdas.train.launch import check_hostfile, check_world_matches_hostfile  # noqa: E402
 from hyperdas.train.memory_fit import ParameterCounts, check_model_fits, model_state_bytes  # noqa: E402
 
 CONFIGS = Path(__file__).parents[2] / "train" / "configs"
@@ -92,6 +92,13 @@ def test_hostfile_checks(tmp_path):
     twice.write_text("node1 slots=8\nnode1 slots=8\n")
     with pytest.raises(ValueError, match="listed twice"):
         check_hostfile(twice)
+
+
+def test_a_launch_that_did_not_use_the_hostfile_is_refused(tmp_path):
+    hosts = {"node1": 8, "node2": 4}
+    check_world_matches_hostfile(hosts, 12, tmp_path / "hf")  # every slot started: fine
+    with pytest.raises(ValueError, match="lists 12 slots on 2 hosts but 8 processes were started"):
+        check_world_matches_hostfile(hosts, 8, tmp_path / "hf")  # the launcher fell back to the local node
 
 
 # Llama-3-8B with an L=8 editor (counted on the meta device by count_parameters; see the next test).

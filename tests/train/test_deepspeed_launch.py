@@ -294,6 +294,8 @@ def test_missing_hostfile_stops_with_a_clear_message(setup):
             "--master_port",
             str(free_local_port()),
             str(LAUNCH),
+            "--hostfile",
+            str(missing),
             "--config",
             str(setup["config"]),
             "--deepspeed",
