@@ -115,10 +115,9 @@ def attention_kernel_for(device: torch.device, dtype: torch.dtype, requested: st
     """The transformers attention implementation the target's layers use for states on ``device`` in ``dtype``.
 
     "auto": eager (matmul, softmax, matmul) on CPU, SDPA elsewhere and for float64. On CPU at the short prompts
-    of this method (T ~ 20) eager is the faster kernel: bf16 forward 2x and forward+backward 6x faster than
-    SDPA's CPU flash kernel (16 x 9 heads x 22 tokens: 2.1 vs 12.8 ms, bench/attention_kernel.py), which
-    dominated the grad pass of a CPU training step. Eager takes its softmax in float32, so float64 targets (the
-    oracles of the tests) keep SDPA.
+    of this method (T ~ 20) eager is the faster kernel (``python bench/attention_kernel.py`` measures both; the
+    README cites it). Eager takes its softmax in float32, so float64 targets (the oracles of the tests) keep
+    SDPA.
     On CUDA, SDPA (flash / memory-efficient) is the right one.
     """
     if requested not in ATTENTION_KERNELS:

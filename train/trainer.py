@@ -95,7 +95,7 @@ def step_batches(
     With ``lengths`` (one per example), every window of ``LENGTH_WINDOW`` consecutive batches is regrouped:
     each shard's examples in the window are sorted by length and batch j takes the j-th shortest of every
     shard, then the window's batches are shuffled. Each batch still holds one example per shard, but of
-    similar lengths, so left padding wastes less of every step (26% of the main job's grad pass unsorted).
+    similar lengths, so left padding wastes less of every step.
     """
     steps = num_examples // global_batch
     shards = []
