@@ -35,8 +35,12 @@ import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from hyperdas.data.batch import PairBatch
 
 GIB = 2**30
 
@@ -274,26 +278,28 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def synthetic_batch(vocab: int, step: Step, seed: int = 0) -> dict:
-    """Random pairs of the step's lengths, without padding, with the keys HyperDAS.forward reads."""
+def synthetic_batch(vocab: int, step: Step, seed: int = 0) -> PairBatch:
+    """Random pairs of the step's lengths, without padding: the fields HyperDAS.forward reads."""
+    from hyperdas.data.batch import PairBatch
+
     g = torch.Generator().manual_seed(seed)
     b, t, te, p = step.batch, step.seq_len, step.instruction_len, step.label_tokens
     ones = torch.ones(b, t, dtype=torch.long)
     base = torch.randint(3, vocab, (b, t), generator=g)
     positions = torch.arange(t - p - 1, t - 1).expand(b, p)
-    return {
-        "base_input_ids": base,
-        "base_attention_mask": ones,
-        "base_intervention_mask": ones.bool(),
-        "source_input_ids": torch.randint(3, vocab, (b, t), generator=g),
-        "source_attention_mask": ones,
-        "source_intervention_mask": ones.bool(),
-        "instruction_input_ids": torch.randint(3, vocab, (b, te), generator=g),
-        "instruction_attention_mask": torch.ones(b, te, dtype=torch.long),
-        "label_positions": positions,
-        "label_ids": base.gather(1, positions + 1),
-        "is_causal": torch.arange(b) % 2 == 0,
-    }
+    return PairBatch(
+        base_input_ids=base,
+        base_attention_mask=ones,
+        base_intervention_mask=ones.bool(),
+        source_input_ids=torch.randint(3, vocab, (b, t), generator=g),
+        source_attention_mask=ones,
+        source_intervention_mask=ones.bool(),
+        instruction_input_ids=torch.randint(3, vocab, (b, te), generator=g),
+        instruction_attention_mask=torch.ones(b, te, dtype=torch.long),
+        label_positions=positions,
+        label_ids=base.gather(1, positions + 1),
+        is_causal=torch.arange(b) % 2 == 0,
+    )
 
 
 def measure_tiny(step: Step) -> dict[str, int]:

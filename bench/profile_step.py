@@ -98,8 +98,8 @@ def profile(args) -> dict:
     if not args.live:
         cache = StateCache(target)
         cache.fill(
-            real_rows(batch["base_input_ids"], batch["base_attention_mask"])
-            + real_rows(batch["source_input_ids"], batch["source_attention_mask"]),
+            real_rows(batch.base_input_ids, batch.base_attention_mask)
+            + real_rows(batch.source_input_ids, batch.source_attention_mask),
             progress=False,
         )
     timer = PartTimer()
@@ -141,8 +141,8 @@ def profile(args) -> dict:
         "machine": platform.processor() or platform.machine(),
         "cpu_model": _cpu_model(),
         "threads": args.threads,
-        "case": f"SmolLM2-135M bf16, the main job's first {args.batch} pairs (Tb={batch['base_input_ids'].shape[1]}, "
-        f"Ts={batch['source_input_ids'].shape[1]}, Te={batch['instruction_input_ids'].shape[1]}), "
+        "case": f"SmolLM2-135M bf16, the main job's first {args.batch} pairs (Tb={batch.base_input_ids.shape[1]}, "
+        f"Ts={batch.source_input_ids.shape[1]}, Te={batch.instruction_input_ids.shape[1]}), "
         f"L={args.editor_layers}, layer {k}, r={args.rank}, {'live target pass' if args.live else 'state cache'}",
         "step_seconds": step_time,
         "parts": [{"part": p, "phase": ph, "seconds": s, "share": s / step_time} for p, ph, s in rows],

@@ -61,7 +61,7 @@ def _setup(case: str, editor_layers: int | None = None, batch_size: int | None =
     optimizer = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=1e-5)
     vocab, batch_size = shape["vocab_size"], shape["batch"]
     batch = make_batch(vocab, batch=batch_size, tb=shape["tb"], ts=shape["ts"], te=shape["te"], labels=2)
-    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    batch = batch.to(DEVICE)
     return model, optimizer, batch, batch_size
 
 

@@ -47,6 +47,8 @@ from device_stamp import device_name, driver_version, package_version  # noqa: E
 from flop_model import CASES as FLOP_CASES  # noqa: E402
 from flop_model import StepShape, step_macs  # noqa: E402
 
+from hyperdas.data.batch import PairBatch
+
 GIB = 2**30
 PAPER_CASE = FLOP_CASES["llama3-8b B=16 T=64 (paper)"]
 SMOKE_CASE = (
@@ -113,13 +115,12 @@ def new_engine(preset: str, target, shape: StepShape, fused: bool | None, checkp
     return PlainEngine(model, RunConfig(model=config, global_batch_size=shape.batch, precision="bf16"), device)
 
 
-def device_batch(vocab: int, shape: StepShape, batch: int, device: torch.device) -> dict:
+def device_batch(vocab: int, shape: StepShape, batch: int, device: torch.device) -> PairBatch:
     """Synthetic pairs of the step's lengths (memory_model.synthetic_batch) on the device."""
-    pairs = memory_model.synthetic_batch(vocab, memory_step(shape, batch=batch))
-    return {k: v.to(device) for k, v in pairs.items()}
+    return memory_model.synthetic_batch(vocab, memory_step(shape, batch=batch)).to(device)
 
 
-def train_step(engine, batch: dict, path: str) -> None:
+def train_step(engine, batch: PairBatch, path: str) -> None:
     """Forward, backward and optimizer step; path "two_pass" (hyperdas.model) or "four_pass" (hyperdas.literal)."""
     from hyperdas.literal import literal_four_pass_forward
     from hyperdas.model import LossWeights
@@ -131,7 +132,7 @@ def train_step(engine, batch: dict, path: str) -> None:
         loss = literal_four_pass_forward(engine.model, batch, loss_weights=weights)[0]
     engine.backward(loss)
     engine.step()
-    if batch["base_input_ids"].is_cuda:
+    if batch.base_input_ids.is_cuda:
         torch.cuda.synchronize()
 
 
@@ -302,7 +303,7 @@ class StepBenchmark:
             engine = None
             self.free()
 
-    def time_path(self, engine, batch: dict, path: str, fused: bool) -> None:
+    def time_path(self, engine, batch: PairBatch, path: str, fused: bool) -> None:
         what = f"{path} step, {'fused' if fused else 'unfused'} kernels"
         try:
             times, peak = timed_steps(lambda: train_step(engine, batch, path), self.device, self.steps)

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hyperdas.data.batch import PairBatch
 from hyperdas.model import HyperDAS, LossWeights
 
 #: METHOD.md's loss weights, used when the caller passes none (written here, not read from hyperdas.model).
@@ -129,18 +130,18 @@ def _self_attention(block, x, positions, token_mask, inv_freq, head_dim):
     return _linear(_attention(q, k, v, allowed), block.o_proj)
 
 
-def _encoding(model: HyperDAS, batch: dict, source_states, base_states) -> torch.Tensor:
+def _encoding(model: HyperDAS, batch: PairBatch, source_states, base_states) -> torch.Tensor:
     """The editor's final-normed state at the last instruction token, e: (B, D)."""
     editor, target = model.editor, model.target
     config = target.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     inv_freq = target.rotary_emb.inv_freq
-    ids, mask = batch["instruction_input_ids"], batch["instruction_attention_mask"]
+    ids, mask = batch.instruction_input_ids, batch.instruction_attention_mask
     table = editor.embed_tokens.weight if editor.embed_tokens is not None else target.embed_tokens.weight.detach()
     x = table[ids]  # (B, Te, D)
     positions = _real_positions(mask)
-    source = _cross_keys(source_states, batch["source_attention_mask"], batch["source_intervention_mask"])
-    base = _cross_keys(base_states, batch["base_attention_mask"], batch["base_intervention_mask"])
+    source = _cross_keys(source_states, batch.source_attention_mask, batch.source_intervention_mask)
+    base = _cross_keys(base_states, batch.base_attention_mask, batch.base_intervention_mask)
     for layer in editor.layers:
         normed = _llama_rms_norm(x, layer.self_attn_norm)
         x = x + _self_attention(layer.self_attn, normed, positions, mask, inv_freq, head_dim)
@@ -169,7 +170,7 @@ def _soft_selection(model: HyperDAS, encoding, h, s, batch) -> torch.Tensor:
     w_c = torch.cat([head.base_proj.weight, head.source_proj.weight], dim=1)  # (D, 2D)
     c = torch.cat([pairs @ w_c.t(), b_hat[:, None]], dim=1)  # (B, Ts+1, Tb, D)
     keys = (c @ head.key_proj.weight.t()).view(b, ts + 1, tb, heads, hd)
-    base_positions = _real_positions(batch["base_attention_mask"])  # (B, Tb)
+    base_positions = _real_positions(batch.base_attention_mask)  # (B, Tb)
     keys = _rope(
         keys.permute(0, 3, 1, 2, 4).reshape(b, heads, (ts + 1) * tb, hd),
         base_positions[:, None, :].expand(b, ts + 1, tb).reshape(b, (ts + 1) * tb),
@@ -177,25 +178,25 @@ def _soft_selection(model: HyperDAS, encoding, h, s, batch) -> torch.Tensor:
     )
     keys = keys.view(b, heads, ts + 1, tb, hd)
     query = (encoding @ head.query_proj.weight.t()).view(b, heads, 1, hd)
-    query_position = _real_positions(batch["instruction_attention_mask"])[:, -1:]  # (B, 1)
+    query_position = _real_positions(batch.instruction_attention_mask)[:, -1:]  # (B, 1)
     query = _rope(query, query_position, inv_freq)[:, :, 0]  # (B, H, hd)
     logits = _wide(torch.einsum("bhd,bhijd->bij", query, keys)) / (heads * math.sqrt(hd))
     logits = logits / model.selection_temperature  # the annealed selection temperature τ
     allowed = torch.ones_like(logits, dtype=torch.bool)
     allowed[:, :ts] = (
-        batch["source_intervention_mask"].bool()[:, :, None] & batch["base_intervention_mask"].bool()[:, None, :]
+        batch.source_intervention_mask.bool()[:, :, None] & batch.base_intervention_mask.bool()[:, None, :]
     )
     return logits.masked_fill(~allowed, float("-inf")).softmax(dim=1)
 
 
-def _hard_selection(soft: torch.Tensor, mode: str, batch: dict) -> torch.Tensor:
+def _hard_selection(soft: torch.Tensor, mode: str, batch: PairBatch) -> torch.Tensor:
     """METHOD.md's inference modes, one example and one column at a time."""
     if mode == "soft":
         return soft
     b, rows, tb = soft.shape
     ts = rows - 1
-    base_ok = batch["base_intervention_mask"].bool()
-    source_ok = batch["source_intervention_mask"].bool()
+    base_ok = batch.base_intervention_mask.bool()
+    source_ok = batch.source_intervention_mask.bool()
     values = soft.detach().tolist()
     choice = [[ts] * tb for _ in range(b)]  # the source row each base column takes (ts = SELF)
     for e in range(b):
@@ -219,7 +220,7 @@ def _hard_selection(soft: torch.Tensor, mode: str, batch: dict) -> torch.Tensor:
                 best = max(pairs, key=lambda pair: pair[0])
                 choice[e][best[2]] = best[1]
         elif mode == "groundtruth":
-            choice[e][int(batch["base_entity_last"][e])] = int(batch["source_entity_last"][e])
+            choice[e][int(batch.base_entity_last[e])] = int(batch.source_entity_last[e])
         else:
             raise ValueError(f"unknown selection mode {mode!r}")
     hard = torch.zeros_like(soft)
@@ -270,15 +271,15 @@ def _basis(model: HyperDAS, encoding: torch.Tensor) -> torch.Tensor | None:
 # --- the losses -----------------------------------------------------------------------------------------
 
 
-def _label_loss(logits: torch.Tensor, batch: dict, weights: LossWeights | None) -> torch.Tensor:
+def _label_loss(logits: torch.Tensor, batch: PairBatch, weights: LossWeights | None) -> torch.Tensor:
     """mean_b w_b · mean over b's label tokens of −log p(label); w = causal or isolate weight."""
     causal, isolate = (CAUSAL_WEIGHT, ISOLATE_WEIGHT) if weights is None else (weights.causal, weights.isolate)
     log_probs = _wide(logits).log_softmax(dim=-1)  # (B, P, V)
-    labels = batch["label_ids"]
+    labels = batch.label_ids
     real = labels != LABEL_PAD
     picked = log_probs.gather(-1, labels.clamp_min(0)[..., None])[..., 0]  # (B, P)
     per_example = -(picked * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
-    is_causal = batch["is_causal"].bool()
+    is_causal = batch.is_causal.bool()
     weight = torch.tensor(
         [causal if c else isolate for c in is_causal.tolist()], dtype=per_example.dtype, device=per_example.device
     )
@@ -320,17 +321,17 @@ def _run_collecting_states(model: HyperDAS, ids: torch.Tensor, mask: torch.Tenso
 
 
 def literal_four_pass_forward(
-    model: HyperDAS, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None
+    model: HyperDAS, batch: PairBatch, mode: str = "soft", loss_weights: LossWeights | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's step, literally: returns (loss, logits at the label positions (B, P, V))."""
-    with model.precision_context(batch["base_input_ids"].device):
+    with model.precision_context(batch.base_input_ids.device):
         return _literal_four_pass(model, batch, mode, loss_weights)
 
 
 def _literal_four_pass(model, batch, mode, loss_weights):
     k = model.config.intervention_layer
-    base_ids, base_att = batch["base_input_ids"], batch["base_attention_mask"]
-    src_ids, src_att = batch["source_input_ids"], batch["source_attention_mask"]
+    base_ids, base_att = batch.base_input_ids, batch.base_attention_mask
+    src_ids, src_att = batch.source_input_ids, batch.source_attention_mask
     with torch.no_grad():
         _, base_states = _run_collecting_states(model, base_ids, base_att)  # pass 1
         _, source_states = _run_collecting_states(model, src_ids, src_att)  # pass 2
@@ -346,9 +347,9 @@ def _literal_four_pass(model, batch, mode, loss_weights):
     else:
         projector = basis @ basis.transpose(1, 2)  # (B, D, D)
         patched = (_wide(h) + (_wide(mixed) - _wide(h)) @ projector).to(h.dtype)
-    patched = torch.where(batch["base_intervention_mask"].bool()[..., None], patched, h)
+    patched = torch.where(batch.base_intervention_mask.bool()[..., None], patched, h)
     full_logits, _ = _run_collecting_states(model, base_ids, base_att, patch=(k, patched))  # pass 4
-    positions = batch["label_positions"]
+    positions = batch.label_positions
     logits = full_logits.gather(1, positions[..., None].expand(-1, -1, full_logits.shape[-1]))
     sparsity = 0.0 if loss_weights is None else loss_weights.sparsity
     return _label_loss(logits, batch, loss_weights) + sparsity * _hinge(selection), logits

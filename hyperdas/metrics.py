@@ -22,6 +22,8 @@ from statistics import fmean
 
 import torch
 
+from hyperdas.data.batch import PairBatch
+
 IGNORE_INDEX = -100
 #: an example is correct when the teacher-forced argmax equals this many first label tokens (fewer if shorter).
 FIRST_LABEL_TOKENS = 3
@@ -47,9 +49,9 @@ def label_exact_match(
     return hit.all(-1) & real.any(-1)
 
 
-def records_from_batch(batch: Mapping[str, object], correct: torch.Tensor) -> list[dict[str, object]]:
+def records_from_batch(batch: PairBatch, correct: torch.Tensor) -> list[dict[str, object]]:
     """Per-example records (attribute, attribute_type, domain, correct) from a collated batch and its (B,) result."""
-    columns = (batch["attribute"], batch["attribute_type"], batch["domain"], correct.tolist())
+    columns = (batch.attribute, batch.attribute_type, batch.domain, correct.tolist())
     return [
         {"attribute": a, "attribute_type": t, "domain": d, "correct": bool(c)}
         for a, t, d, c in zip(*columns, strict=True)

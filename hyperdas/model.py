@@ -14,6 +14,7 @@ No (B, D, D) and no (B, Ts, Tb, D) tensor is ever made.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hyperdas.config import HyperDASConfig
+from hyperdas.data.batch import PairBatch
 from hyperdas.editor import Editor, RunKeys
 from hyperdas.kernels.interchange import interchange
 from hyperdas.selection import SelectionHead, apply_selection_mode, sharpen
@@ -222,16 +224,16 @@ class HyperDAS(nn.Module):
 
     # --- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def target_states(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_states(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """One no-grad target pass over base and source together -> (B, Tb, N, D), (B, Ts, N, D)."""
-        tb, ts = batch["base_input_ids"].shape[1], batch["source_input_ids"].shape[1]
+        tb, ts = batch.base_input_ids.shape[1], batch.source_input_ids.shape[1]
         width = max(tb, ts)
-        ids = torch.cat([left_pad_to(batch["base_input_ids"], width), left_pad_to(batch["source_input_ids"], width)])
+        ids = torch.cat([left_pad_to(batch.base_input_ids, width), left_pad_to(batch.source_input_ids, width)])
         mask = torch.cat(
-            [left_pad_to(batch["base_attention_mask"], width), left_pad_to(batch["source_attention_mask"], width)]
+            [left_pad_to(batch.base_attention_mask, width), left_pad_to(batch.source_attention_mask, width)]
         )
         states = self.target.hidden_states(ids, mask)  # (2B, T, N, D)
-        b = batch["base_input_ids"].shape[0]
+        b = batch.base_input_ids.shape[0]
         return states[:b, width - tb :], states[b:, width - ts :]
 
     def instruction_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
@@ -242,15 +244,15 @@ class HyperDAS(nn.Module):
 
     def forward(
         self,
-        batch: dict,
+        batch: PairBatch | Mapping[str, object],
         mode: str = "soft",
         loss_weights: LossWeights | None = None,
         states: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> HyperDASOutput:
-        """One HyperDAS forward on a collated batch (see hyperdas.data.collate for its keys).
+        """One HyperDAS forward on a collated batch (``hyperdas.data.batch.PairBatch``, its fields and shapes).
 
         Args:
-            batch: the collated batch.
+            batch: the collated batch (a dict of its fields is taken too).
             mode: the selection mode (``config.SELECTION_MODES``).
             loss_weights: per-kind and sparsity weights (default ``LossWeights()``).
             states: the target's (base (B, Tb, N, D), source (B, Ts, N, D)) states of this batch, e.g. from a
@@ -259,15 +261,16 @@ class HyperDAS(nn.Module):
         With a bf16/fp16 target the forward runs under autocast to the target's dtype (the trained parts
         keep fp32 masters), unless the caller already enabled autocast.
         """
-        with self.precision_context(batch["base_input_ids"].device):
+        batch = PairBatch.from_mapping(batch)
+        with self.precision_context(batch.base_input_ids.device):
             encoded = self.encode(batch, states)
             selection = self.select(batch, encoded, mode)
             logits = self.intervene(batch, encoded, selection)
             penalty = sparsity_penalty(selection)
             weights = loss_weights or LossWeights()
             ce = loss = None
-            if "label_ids" in batch:
-                ce = weighted_label_loss(logits, batch["label_ids"], batch["is_causal"], weights)
+            if batch.has_labels:
+                ce = weighted_label_loss(logits, batch.label_ids, batch.is_causal, weights)
                 loss = ce + weights.sparsity * penalty
             return HyperDASOutput(loss, ce, penalty, logits, selection)
 
@@ -286,10 +289,10 @@ class HyperDAS(nn.Module):
                 "own attributes, or train one that includes these"
             )
 
-    def encode(self, batch: dict, states: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded:
+    def encode(self, batch: PairBatch, states: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded:
         """Everything of a step that does not depend on the selection mode: states, encoding, soft A, basis W."""
-        if "attribute" in batch:
-            self.check_attributes(batch["attribute"])
+        if batch.attribute is not None:
+            self.check_attributes(batch.attribute)
         k = self.config.intervention_layer
         base_states, source_states = states if states is not None else self.target_states(batch)
         if base_states.shape[2] != self.target.num_states or source_states.shape[2] != self.target.num_states:
@@ -297,13 +300,13 @@ class HyperDAS(nn.Module):
                 f"states with {base_states.shape[2]} / {source_states.shape[2]} layers given; the editor reads all "
                 f"{self.target.num_states} of the target's (a cache of some layers only cannot feed HyperDAS)"
             )
-        base_mask = batch["base_intervention_mask"].bool()
-        source_mask = batch["source_intervention_mask"].bool()
-        source_keys = RunKeys.from_states(source_states, batch["source_attention_mask"], source_mask)
-        base_keys = RunKeys.from_states(base_states, batch["base_attention_mask"], base_mask)
+        base_mask = batch.base_intervention_mask.bool()
+        source_mask = batch.source_intervention_mask.bool()
+        source_keys = RunKeys.from_states(source_states, batch.source_attention_mask, source_mask)
+        base_keys = RunKeys.from_states(base_states, batch.base_attention_mask, base_mask)
         encoding = self.editor(
-            self.instruction_embeddings(batch["instruction_input_ids"]),
-            batch["instruction_attention_mask"],
+            self.instruction_embeddings(batch.instruction_input_ids),
+            batch.instruction_attention_mask,
             source_keys,
             base_keys,
         )  # (B, D)
@@ -313,8 +316,8 @@ class HyperDAS(nn.Module):
             encoding,
             h,
             s,
-            position_ids_from_mask(batch["base_attention_mask"]),
-            position_ids_from_mask(batch["instruction_attention_mask"])[:, -1],  # the encoding's token
+            position_ids_from_mask(batch.base_attention_mask),
+            position_ids_from_mask(batch.instruction_attention_mask)[:, -1],  # the encoding's token
             self.editor.inv_freq.float(),
             base_mask,
             source_mask,
@@ -325,19 +328,19 @@ class HyperDAS(nn.Module):
         basis = self.subspace(encoding, rotation)
         return Encoded(h, s, encoding, soft, basis, base_mask, source_mask)
 
-    def select(self, batch: dict, encoded: Encoded, mode: str) -> torch.Tensor:
+    def select(self, batch: PairBatch, encoded: Encoded, mode: str) -> torch.Tensor:
         """The selection ``mode`` makes of the soft A: (B, Ts+1, Tb)."""
         return apply_selection_mode(
             encoded.soft,
             mode,
             encoded.base_mask,
             encoded.source_mask,
-            batch.get("base_entity_last"),
-            batch.get("source_entity_last"),
+            batch.base_entity_last,
+            batch.source_entity_last,
         )
 
     def intervene(
-        self, batch: dict, encoded: Encoded, selection: torch.Tensor | None, full_vector: bool = False
+        self, batch: PairBatch, encoded: Encoded, selection: torch.Tensor | None, full_vector: bool = False
     ) -> torch.Tensor:
         """Interchange at layer k with ``selection``, then layers k..end -> label logits (B, P, V).
 
@@ -353,7 +356,7 @@ class HyperDAS(nn.Module):
             patched = interchange(
                 encoded.h, encoded.s, selection, basis, position_mask=encoded.base_mask, use_triton=use_triton
             )
-        mask, positions = batch["base_attention_mask"], batch["label_positions"]
+        mask, positions = batch.base_attention_mask, batch.label_positions
         if int(positions.max()) < mask.shape[1] - 1:
             # rows are left padded, so the last column holds every row's last label token: it predicts nothing
             # that is read, and causal attention lets no earlier position see it
@@ -364,7 +367,10 @@ class HyperDAS(nn.Module):
 
     @torch.no_grad()
     def evaluate_batch(
-        self, batch: dict, modes: list[str], states: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        batch: PairBatch | Mapping[str, object],
+        modes: list[str],
+        states: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> BatchEvaluation:
         """Label logits of every mode and of the two references, from ONE target pass and ONE editor pass.
 
@@ -372,7 +378,8 @@ class HyperDAS(nn.Module):
         vector of the last source entity token patched into the last base entity token: how much cause the
         layer allows, isolation ignored). ``analysis`` holds the subspace module's per-example vectors.
         """
-        with self.precision_context(batch["base_input_ids"].device):
+        batch = PairBatch.from_mapping(batch)
+        with self.precision_context(batch.base_input_ids.device):
             encoded = self.encode(batch, states)
             logits = {FLOOR: self.intervene(batch, encoded, None)}
             selections: dict[str, torch.Tensor | None] = {FLOOR: None}

@@ -42,8 +42,8 @@ def selection_stats(selection: torch.Tensor, batch: Mapping[str, object]) -> lis
     taken = selection[:, :ts].double()  # (B, Ts, Tb)
     base_pos = torch.arange(tb)
     source_pos = torch.arange(ts)
-    base_first, base_last = batch["base_entity_first"].cpu(), batch["base_entity_last"].cpu()
-    source_first, source_last = batch["source_entity_first"].cpu(), batch["source_entity_last"].cpu()
+    base_first, base_last = batch.base_entity_first.cpu(), batch.base_entity_last.cpu()
+    source_first, source_last = batch.source_entity_first.cpu(), batch.source_entity_last.cpu()
     in_base = (base_pos[None] >= base_first[:, None]) & (base_pos[None] <= base_last[:, None])  # (B, Tb)
     in_source = (source_pos[None] >= source_first[:, None]) & (source_pos[None] <= source_last[:, None])  # (B, Ts)
     moved = taken.sum(dim=(1, 2))
@@ -60,7 +60,7 @@ def selection_stats(selection: torch.Tensor, batch: Mapping[str, object]) -> lis
         m = float(moved[b])
         shares = (into_base[b], into_last[b], from_source[b], entity_pairs[b])
         row = {name: (float(v) / m if m > 1e-9 else None) for name, v in zip(SHARES, shares, strict=True)}
-        row |= {"moved": m, "attribute": batch["attribute"][b], "attribute_type": batch["attribute_type"][b]}
+        row |= {"moved": m, "attribute": batch.attribute[b], "attribute_type": batch.attribute_type[b]}
         for side, mass, cls in (("base", into[b], base_class[b]), ("source", out_of[b], source_class[b])):
             for c, name in enumerate(POSITION_CLASSES):
                 row[f"{side}_{name}"] = float(mass[cls == c].sum()) / m if m > 1e-9 else None

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from hyperdas.data.batch import PairBatch
+
 #: how the states are kept: chosen by size ("auto"), forced, or no cache ("off")
 STORAGES = ("auto", "memory", "disk", "off")
 #: "auto" keeps the cache in memory when it takes at most this share of the available memory
@@ -202,10 +204,12 @@ class StateCache:
             out[b, width - length :] = self._segments[segment][first : first + length]
         return out
 
-    def states_for(self, batch: dict, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def states_for(
+        self, batch: PairBatch, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(base (B, Tb, N, D), source (B, Ts, N, D)) of a collated batch, on ``device``; None on any miss."""
-        base = self.lookup(batch["base_input_ids"], batch["base_attention_mask"])
-        source = self.lookup(batch["source_input_ids"], batch["source_attention_mask"]) if base is not None else None
+        base = self.lookup(batch.base_input_ids, batch.base_attention_mask)
+        source = self.lookup(batch.source_input_ids, batch.source_attention_mask) if base is not None else None
         if source is None:
             return None
         if device is not None:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
+from hyperdas.data.batch import PairBatch
+
 
 def tiny_llama_config(vocab_size: int, **overrides):
     """A Llama config small enough for CPU tests, with deliberately odd sizes (D=40, 5 heads, 1 KV head)."""
@@ -36,7 +38,9 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return LlamaConfig(**values)
 
 
-def make_batch(vocab_size: int, batch: int = 3, tb: int = 9, ts: int = 7, te: int = 5, labels: int = 2, seed: int = 0):
+def make_batch(
+    vocab_size: int, batch: int = 3, tb: int = 9, ts: int = 7, te: int = 5, labels: int = 2, seed: int = 0
+) -> PairBatch:
     """A left-padded batch: base = prompt + labels, source = prompt, instruction; row b is b tokens shorter."""
     g = torch.Generator().manual_seed(seed)
 
@@ -60,23 +64,23 @@ def make_batch(vocab_size: int, batch: int = 3, tb: int = 9, ts: int = 7, te: in
     label_positions = torch.arange(tb - labels - 1, tb - 1).expand(batch, -1).clone()
     label_ids = base_ids[:, tb - labels :].clone()
     label_ids[0, -1] = -100  # an example with a shorter label
-    return {
-        "base_input_ids": base_ids,
-        "base_attention_mask": base_att,
-        "base_intervention_mask": base_sel,
-        "source_input_ids": source_ids,
-        "source_attention_mask": source_att,
-        "source_intervention_mask": source_sel,
-        "instruction_input_ids": instr_ids,
-        "instruction_attention_mask": instr_att,
-        "label_positions": label_positions,
-        "label_ids": label_ids,
-        "base_entity_last": torch.tensor([tb - labels - 2] * batch),
-        "base_entity_first": torch.tensor([tb - labels - 3] * batch),  # two-token entities
-        "source_entity_last": torch.tensor([ts - 2] * batch),
-        "source_entity_first": torch.tensor([ts - 3] * batch),
-        "is_causal": torch.tensor([b % 2 == 0 for b in range(batch)]),
-    }
+    return PairBatch(
+        base_input_ids=base_ids,
+        base_attention_mask=base_att,
+        base_intervention_mask=base_sel,
+        source_input_ids=source_ids,
+        source_attention_mask=source_att,
+        source_intervention_mask=source_sel,
+        instruction_input_ids=instr_ids,
+        instruction_attention_mask=instr_att,
+        label_positions=label_positions,
+        label_ids=label_ids,
+        base_entity_last=torch.tensor([tb - labels - 2] * batch),
+        base_entity_first=torch.tensor([tb - labels - 3] * batch),  # two-token entities
+        source_entity_last=torch.tensor([ts - 2] * batch),
+        source_entity_first=torch.tensor([ts - 3] * batch),
+        is_causal=torch.tensor([b % 2 == 0 for b in range(batch)]),
+    )
 
 
 class PlantedTarget:

@@ -47,8 +47,8 @@ class RunData:
         pairs = []
         for start in range(0, len(indices), chunk):
             batch = self.collate(split, indices[start : start + chunk])
-            bases = real_rows(batch["base_input_ids"], batch["base_attention_mask"])
-            pairs += zip(bases, real_rows(batch["source_input_ids"], batch["source_attention_mask"]), strict=True)
+            bases = real_rows(batch.base_input_ids, batch.base_attention_mask)
+            pairs += zip(bases, real_rows(batch.source_input_ids, batch.source_attention_mask), strict=True)
         return pairs
 
     def prompt_rows(self, split, indices: list[int]) -> list[tuple[int, ...]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from hyperdas.data.batch import PairBatch
 from hyperdas.model import WEIGHTS_FILE, BatchEvaluation, HyperDAS, HyperDASOutput, LossWeights
 from hyperdas.train.config import RunConfig
 from hyperdas.train.distributed import init_distributed
@@ -58,11 +59,11 @@ class DeepSpeedEngine:
         self.grad_accum_steps = int(ds_config["gradient_accumulation_steps"])
 
     def forward(
-        self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None, states=None
+        self, batch: PairBatch, mode: str = "soft", loss_weights: LossWeights | None = None, states=None
     ) -> HyperDASOutput:
         return self.engine(to_device(batch, self.device), mode=mode, loss_weights=loss_weights, states=states)
 
-    def evaluate_batch(self, batch: dict, modes: list[str]) -> BatchEvaluation:
+    def evaluate_batch(self, batch: PairBatch, modes: list[str]) -> BatchEvaluation:
         # no backward follows, so the module is called directly; ZeRO-3's hooks gather each submodule's weights
         return self.model.evaluate_batch(to_device(batch, self.device), modes)
 

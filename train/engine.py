@@ -8,11 +8,13 @@ engine (train/deepspeed_engine.py) implements the same interface over ``deepspee
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from hyperdas.data.batch import PairBatch
 from hyperdas.model import BatchEvaluation, HyperDAS, HyperDASOutput, LossWeights
 from hyperdas.train.config import RunConfig
 from hyperdas.train.optimizer import make_optimizer, set_lr_scale
@@ -32,11 +34,11 @@ class TrainingEngine(Protocol):
     model: HyperDAS
 
     def forward(
-        self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None, states=None
+        self, batch: PairBatch, mode: str = "soft", loss_weights: LossWeights | None = None, states=None
     ) -> HyperDASOutput:
         """Run the (possibly wrapped) model on one micro-batch (``states``: its cached target states, or None)."""
 
-    def evaluate_batch(self, batch: dict, modes: list[str]) -> BatchEvaluation:
+    def evaluate_batch(self, batch: PairBatch, modes: list[str]) -> BatchEvaluation:
         """``HyperDAS.evaluate_batch`` on one batch: every mode plus the floor and the ceiling, no gradients."""
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -112,12 +114,12 @@ class PlainEngine:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def forward(
-        self, batch: dict, mode: str = "soft", loss_weights: LossWeights | None = None, states=None
+        self, batch: PairBatch, mode: str = "soft", loss_weights: LossWeights | None = None, states=None
     ) -> HyperDASOutput:
         with self._autocast():
             return self.model(to_device(batch, self.device), mode=mode, loss_weights=loss_weights, states=states)
 
-    def evaluate_batch(self, batch: dict, modes: list[str]) -> BatchEvaluation:
+    def evaluate_batch(self, batch: PairBatch, modes: list[str]) -> BatchEvaluation:
         with self._autocast():
             return self.model.evaluate_batch(to_device(batch, self.device), modes)
 
@@ -161,6 +163,6 @@ class PlainEngine:
         return None
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Move the tensors of a collated batch to ``device`` (other values pass through)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def to_device(batch: PairBatch | Mapping[str, object], device: torch.device) -> PairBatch:
+    """Move the tensors of a collated batch (or a dict of its fields) to ``device``; the string lists pass through."""
+    return PairBatch.from_mapping(batch).to(device, non_blocking=True)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from hyperdas.data.batch import PairBatch
 from hyperdas.metrics import label_exact_match, records_from_batch, summarize
 from hyperdas.model import CEILING, FLOOR
 from hyperdas.report import render_report, save_pca_plot, save_position_plot, save_selection_heatmaps
@@ -146,7 +147,7 @@ def evaluate(
             out = engine.evaluate_batch(batch, modes)
             for name in names:
                 logits, selection = out.logits[name], out.selections[name]
-                correct = label_exact_match(logits.float(), batch["label_ids"].to(logits.device)).cpu()
+                correct = label_exact_match(logits.float(), batch.label_ids.to(logits.device)).cpu()
                 for index, record in zip(indices, records_from_batch(batch, correct), strict=True):
                     records[name].append(record | {"index": index})
                 if name in stats:
@@ -164,8 +165,8 @@ def evaluate(
                 labels += [
                     {
                         "index": indices[b],
-                        "attribute": batch["attribute"][b],
-                        "attribute_type": batch["attribute_type"][b],
+                        "attribute": batch.attribute[b],
+                        "attribute_type": batch.attribute_type[b],
                     }
                     for b in fresh
                 ]
@@ -216,21 +217,21 @@ def pick_heatmap_pairs(rows: list[dict], count: int) -> list[dict]:
     return picked
 
 
-def _heatmap_entry(batch: dict, selection: torch.Tensor, b: int) -> dict:
+def _heatmap_entry(batch: PairBatch, selection: torch.Tensor, b: int) -> dict:
     """Pair ``b``'s soft selection over its real tokens (labels left out) and its token ids, undecoded: every
     pair is kept until the pictured ones are picked, and only those are decoded (``_decoded``)."""
-    base_real = batch["base_attention_mask"][b].bool().cpu()
-    source_real = batch["source_attention_mask"][b].bool().cpu()
-    label_count = int((batch["label_ids"][b] != -100).sum())
+    base_real = batch.base_attention_mask[b].bool().cpu()
+    source_real = batch.source_attention_mask[b].bool().cpu()
+    label_count = int((batch.label_ids[b] != -100).sum())
     a = selection[b].float().cpu()[:, base_real]  # (Ts+1, Tb real)
     a = a[torch.cat([source_real, torch.tensor([True])])]
-    base_ids = batch["base_input_ids"][b][base_real].tolist()
+    base_ids = batch.base_input_ids[b][base_real].tolist()
     keep = len(base_ids) - label_count  # drop the teacher-forced label tokens from the picture
     return {
         "selection": a[:, :keep].numpy(),
         "base_ids": base_ids[:keep],
-        "source_ids": batch["source_input_ids"][b][source_real].tolist(),
-        "title": f"{batch['attribute'][b]} ({batch['attribute_type'][b]})",
+        "source_ids": batch.source_input_ids[b][source_real].tolist(),
+        "title": f"{batch.attribute[b]} ({batch.attribute_type[b]})",
     }
 
 

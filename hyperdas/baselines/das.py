@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hyperdas.data.batch import PairBatch
+
 
 def pyvene_intervention(hidden_size: int, rank: int) -> nn.Module:
     """A fresh pyvene LowRankRotatedSpaceIntervention of rank ``rank`` on D = ``hidden_size``."""
@@ -56,9 +58,9 @@ def full_vector_patch(
     return out
 
 
-def patched_label_logits(target, layer: int, patch, h: torch.Tensor, s: torch.Tensor, batch: dict) -> torch.Tensor:
+def patched_label_logits(target, layer: int, patch, h: torch.Tensor, s: torch.Tensor, batch: PairBatch) -> torch.Tensor:
     """Label logits (B, P, V) after ``patch(h, s, base_last, source_last)`` at layer ``layer`` (None: unpatched)."""
     device = h.device
     if patch is not None:
-        h = patch(h, s, batch["base_entity_last"].to(device), batch["source_entity_last"].to(device))
-    return target.run_from_layer(h, layer, batch["base_attention_mask"].to(device), batch["label_positions"].to(device))
+        h = patch(h, s, batch.base_entity_last.to(device), batch.source_entity_last.to(device))
+    return target.run_from_layer(h, layer, batch.base_attention_mask.to(device), batch.label_positions.to(device))

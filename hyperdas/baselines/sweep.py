@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hyperdas.baselines.das import LastEntityDAS, full_vector_patch, patched_label_logits
+from hyperdas.data.batch import PairBatch
 from hyperdas.metrics import label_exact_match, records_from_batch, summarize
 from hyperdas.model import FLOOR, LossWeights, weighted_label_loss
 from hyperdas.state_cache import StateCache
@@ -87,7 +88,7 @@ def _training_rows(train, attribute: str, method: str) -> list[int]:
     ]
 
 
-def _layer_states(cache: StateCache, batch: dict, slot: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_states(cache: StateCache, batch: PairBatch, slot: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     base, source = cache.states_for(batch, device)
     return base[:, :, slot], source[:, :, slot]
 
@@ -120,7 +121,7 @@ def train_das(
         h, s = _layer_states(cache, batch, slot, device)
         with precision_context(target.dtype, device):
             logits = patched_label_logits(target, layer, das, h, s, batch)
-            loss = weighted_label_loss(logits, batch["label_ids"].to(device), batch["is_causal"].to(device), weights)
+            loss = weighted_label_loss(logits, batch.label_ids.to(device), batch.is_causal.to(device), weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -140,7 +141,7 @@ def evaluate_patch(
         h, s = _layer_states(cache, batch, slot, device)
         with precision_context(target.dtype, device):
             logits = patched_label_logits(target, layer, patch, h, s, batch)
-        correct = label_exact_match(logits.float(), batch["label_ids"].to(device)).cpu()
+        correct = label_exact_match(logits.float(), batch.label_ids.to(device)).cpu()
         records += records_from_batch(batch, correct)
     return records
 

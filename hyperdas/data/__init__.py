@@ -4,9 +4,11 @@
 - ``known``: which (entity, template) prompts the target knows, checked once per prompt and cached.
 - ``examples``: causal and isolate examples paired from known prompts, split by template (``PairSampler``).
 - ``build``: ``build_dataset(DataRequest(...), target)``, balanced and cached on disk, with its report.
-- ``collate``: ``Collator``, the batch contract of one HyperDAS step.
+- ``batch``: ``PairBatch``, the typed batch one HyperDAS step reads (fields and shapes).
+- ``collate``: ``Collator``, dataset rows to a ``PairBatch``.
 """
 
+from hyperdas.data.batch import PairBatch
 from hyperdas.data.build import DataRequest, build_dataset, dataset_folder, format_report, load_report
 from hyperdas.data.collate import Collator, dataloader
 from hyperdas.data.examples import make_examples
@@ -18,6 +20,7 @@ __all__ = [
     "Collator",
     "DataRequest",
     "KnownPromptTable",
+    "PairBatch",
     "attributes",
     "build_dataset",
     "check_prompts",

@@ -6,31 +6,7 @@ Every prompt is tokenised in parts without special tokens, and the tokenizer's o
 its last token the last entity token, so that token is always selectable. (The reference added BOS a second
 time, its suffix lengths were off by one and the last entity token could never be selected.)
 
-Batch contract (``Collator.__call__``), B examples, everything left padded:
-
-=============================  ==========  ===================================================================
-key                            shape       meaning
-=============================  ==========  ===================================================================
-base_input_ids                 (B, Tb)     BOS? + prefix + suffix + label tokens (teacher forcing), long
-base_attention_mask            (B, Tb)     1 on real tokens, long
-base_intervention_mask         (B, Tb)     selectable base positions: the prefix tokens (and the suffix with
-                                           ``include_base_suffix``); never BOS, padding or labels; bool
-source_input_ids               (B, Ts)     BOS? + counterfactual prefix + counterfactual suffix, long
-source_attention_mask          (B, Ts)     long
-source_intervention_mask       (B, Ts)     selectable source positions: the counterfactual prefix; bool
-label_positions                (B, P)      index into Tb of the logits predicting each label token (its
-                                           index - 1); padded entries repeat the last real one; long
-label_ids                      (B, P)      label token ids, -100 on padding; P = longest label; long
-instruction_input_ids          (B, Te)     BOS? + edit instruction (the editor reads its last token), long
-instruction_attention_mask     (B, Te)     long
-base_entity_last               (B,)        index of the last base entity token (last prefix token), long
-base_entity_first              (B,)        index of the first base entity token, long
-source_entity_last             (B,)        index of the last source entity token, long
-source_entity_first            (B,)        index of the first source entity token, long
-is_causal                      (B,)        bool
-attribute, domain,             lists       python lists of strings, one per example
-attribute_type
-=============================  ==========  ===================================================================
+The batch (``Collator.__call__``) is a ``hyperdas.data.batch.PairBatch``; its fields and shapes are listed there.
 """
 
 from __future__ import annotations
@@ -40,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from hyperdas.data.batch import PairBatch
 from hyperdas.data.examples import label_text, label_value
 from hyperdas.metrics import IGNORE_INDEX
 
@@ -162,7 +139,7 @@ def label_tensors(
 
 
 class Collator:
-    """Turns a list of dataset rows into the batch dict described in this module's docstring.
+    """Turns a list of dataset rows into a ``PairBatch``.
 
     Args:
         tokenizer: the target's tokenizer (the editor shares it).
@@ -175,7 +152,7 @@ class Collator:
         self.lead = leading_special_ids(tokenizer)
         self.pad_id = pad_id_of(tokenizer)
 
-    def __call__(self, rows: Sequence[Mapping[str, str]]) -> dict[str, object]:
+    def __call__(self, rows: Sequence[Mapping[str, str]]) -> PairBatch:
         if not rows:
             raise ValueError("cannot collate an empty batch")
         tok, lead = self.tokenizer, self.lead
@@ -214,26 +191,26 @@ class Collator:
             source_last.append(start + len(source_prefixes[b]) - 1)
         label_positions, label_ids = label_tensors(labels, first_label)
 
-        return {
-            "base_input_ids": base_ids,
-            "base_attention_mask": base_mask,
-            "base_intervention_mask": base_select,
-            "source_input_ids": source_ids,
-            "source_attention_mask": source_mask,
-            "source_intervention_mask": source_select,
-            "label_positions": label_positions,
-            "label_ids": label_ids,
-            "instruction_input_ids": instruction_ids,
-            "instruction_attention_mask": instruction_mask,
-            "base_entity_last": torch.tensor(base_last, dtype=torch.long),
-            "base_entity_first": torch.tensor(base_last, dtype=torch.long) - torch.tensor(base_span) + 1,
-            "source_entity_last": torch.tensor(source_last, dtype=torch.long),
-            "source_entity_first": torch.tensor(source_last, dtype=torch.long) - torch.tensor(source_span) + 1,
-            "is_causal": torch.tensor([t == "causal" for t in column["attribute_type"]], dtype=torch.bool),
-            "attribute": column["attribute"],
-            "domain": column["domain"],
-            "attribute_type": column["attribute_type"],
-        }
+        return PairBatch(
+            base_input_ids=base_ids,
+            base_attention_mask=base_mask,
+            base_intervention_mask=base_select,
+            source_input_ids=source_ids,
+            source_attention_mask=source_mask,
+            source_intervention_mask=source_select,
+            instruction_input_ids=instruction_ids,
+            instruction_attention_mask=instruction_mask,
+            label_positions=label_positions,
+            label_ids=label_ids,
+            base_entity_last=torch.tensor(base_last, dtype=torch.long),
+            base_entity_first=torch.tensor(base_last, dtype=torch.long) - torch.tensor(base_span) + 1,
+            source_entity_last=torch.tensor(source_last, dtype=torch.long),
+            source_entity_first=torch.tensor(source_last, dtype=torch.long) - torch.tensor(source_span) + 1,
+            is_causal=torch.tensor([t == "causal" for t in column["attribute_type"]], dtype=torch.bool),
+            attribute=column["attribute"],
+            domain=column["domain"],
+            attribute_type=column["attribute_type"],
+        )
 
 
 def dataloader(dataset, collator: Collator, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:

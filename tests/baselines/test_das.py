@@ -42,17 +42,17 @@ def _pyvene_label_logits(target, das: LastEntityDAS, batch: dict) -> torch.Tenso
     intervention.to(torch.float64).load_state_dict(das.intervention.state_dict())  # pyvene builds it in fp32
 
     def inputs(name):
-        mask = batch[f"{name}_attention_mask"]
+        mask = getattr(batch, f"{name}_attention_mask")
         return {
-            "input_ids": batch[f"{name}_input_ids"],
+            "input_ids": getattr(batch, f"{name}_input_ids"),
             "attention_mask": mask,
             "position_ids": position_ids_from_mask(mask),
         }
 
-    base_at = [[[int(j)] for j in batch["base_entity_last"]]]
-    source_at = [[[int(i)] for i in batch["source_entity_last"]]]
+    base_at = [[[int(j)] for j in batch.base_entity_last]]
+    source_at = [[[int(i)] for i in batch.source_entity_last]]
     _, out = model(inputs("base"), [inputs("source")], {"sources->base": (source_at, base_at)})
-    positions = batch["label_positions"]
+    positions = batch.label_positions
     return out.logits.gather(1, positions[..., None].expand(-1, -1, out.logits.shape[-1])), intervention
 
 
@@ -60,8 +60,8 @@ def test_the_last_entity_interchange_equals_pyvenes_intervenable_model(target64)
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=4, seed=6)
     torch.manual_seed(0)
     das = LastEntityDAS(target64.hidden_size, 5).double()
-    base = target64.hidden_states(batch["base_input_ids"], batch["base_attention_mask"])[:, :, LAYER]
-    source = target64.hidden_states(batch["source_input_ids"], batch["source_attention_mask"])[:, :, LAYER]
+    base = target64.hidden_states(batch.base_input_ids, batch.base_attention_mask)[:, :, LAYER]
+    source = target64.hidden_states(batch.source_input_ids, batch.source_attention_mask)[:, :, LAYER]
     ours = patched_label_logits(target64, LAYER, das, base, source, batch)
     theirs, intervention = _pyvene_label_logits(target64, das, batch)
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
@@ -114,8 +114,8 @@ def _cache(target, collate, train, test, layers):
     rows = []
     for split in (train, test):
         batch = collate(split, list(range(len(split))))
-        rows += real_rows(batch["base_input_ids"], batch["base_attention_mask"])
-        rows += real_rows(batch["source_input_ids"], batch["source_attention_mask"])
+        rows += real_rows(batch.base_input_ids, batch.base_attention_mask)
+        rows += real_rows(batch.source_input_ids, batch.source_attention_mask)
     cache.fill(rows, batch_size=16, progress=False)
     return cache
 

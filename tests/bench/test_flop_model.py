@@ -88,7 +88,7 @@ def test_the_model_counts_what_torch_counts(config_overrides, shape):
         te=shape.instruction_len,
         labels=shape.label_tokens,
     )
-    widest = [int(batch[f"{run}_intervention_mask"].sum(1).max()) for run in ("base", "source")]
+    widest = [int(getattr(batch, f"{run}_intervention_mask").sum(1).max()) for run in ("base", "source")]
     predicted = step_macs(target.config, replace(shape, selectable_tokens=sum(widest) / 2))
     counted = {path: _counted_macs(model, batch, path) for path in ("two_pass", "four_pass")}
     for path, parts in predicted.items():

@@ -231,13 +231,13 @@ def test_on_the_embedded_default_doing_nothing_causes_nothing(smollm2, cache_roo
     rows = data["train"].to_list() + data["test"].to_list()
     batch = Collator(smollm2.tokenizer)(rows)
     with torch.no_grad():
-        logits = smollm2.logits_at(batch["base_input_ids"], batch["base_attention_mask"], batch["label_positions"])
-    right = label_exact_match(logits, batch["label_ids"])
+        logits = smollm2.logits_at(batch.base_input_ids, batch.base_attention_mask, batch.label_positions)
+    right = label_exact_match(logits, batch.label_ids)
     top2 = logits.topk(2, dim=-1).values
-    real = batch["label_ids"] != -100
+    real = batch.label_ids != -100
     margin = torch.where(real, top2[..., 0] - top2[..., 1], torch.inf).amin(dim=1)
     clear = margin > 1e-3
-    causal = batch["is_causal"]
+    causal = batch.is_causal
     assert causal.any() and (~causal).any() and clear.float().mean() > 0.8
     assert not right[causal & clear].any()
     assert right[~causal & clear].all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,7 +51,7 @@ def tokenizer(request, smollm2):
 
 
 def _real(batch, name, b):
-    return batch[f"{name}_input_ids"][b][batch[f"{name}_attention_mask"][b].bool()].tolist()
+    return getattr(batch, f"{name}_input_ids")[b][getattr(batch, f"{name}_attention_mask")[b].bool()].tolist()
 
 
 def test_bos_is_added_exactly_as_for_a_whole_prompt(tokenizer, examples):
@@ -73,24 +75,24 @@ def test_the_last_entity_token_is_selectable(tokenizer, examples):
     batch = Collator(tokenizer)(examples)
     for b, e in enumerate(examples):
         for name, entity, last in (
-            ("base", e["entity"], batch["base_entity_last"][b]),
-            ("source", e["counterfactual_entity"], batch["source_entity_last"][b]),
+            ("base", e["entity"], batch.base_entity_last[b]),
+            ("source", e["counterfactual_entity"], batch.source_entity_last[b]),
         ):
-            assert batch[f"{name}_intervention_mask"][b, last]
-            token = tokenizer.decode([int(batch[f"{name}_input_ids"][b, last])])
+            assert getattr(batch, f"{name}_intervention_mask")[b, last]
+            token = tokenizer.decode([int(getattr(batch, f"{name}_input_ids")[b, last])])
             assert token.strip() and entity.endswith(token.strip()), (entity, token)
-            assert not batch[f"{name}_intervention_mask"][b, last + 1 :].any()
+            assert not getattr(batch, f"{name}_intervention_mask")[b, last + 1 :].any()
 
 
 def test_the_entity_spans_spell_the_entities(tokenizer, examples):
     batch = Collator(tokenizer)(examples)
     for b, e in enumerate(examples):
         for name, entity in (("base", e["entity"]), ("source", e["counterfactual_entity"])):
-            first, last = int(batch[f"{name}_entity_first"][b]), int(batch[f"{name}_entity_last"][b])
-            span = tokenizer.decode(batch[f"{name}_input_ids"][b, first : last + 1].tolist())
-            before = tokenizer.decode(batch[f"{name}_input_ids"][b, first + 1 : last + 1].tolist())
+            first, last = int(getattr(batch, f"{name}_entity_first")[b]), int(getattr(batch, f"{name}_entity_last")[b])
+            span = tokenizer.decode(getattr(batch, f"{name}_input_ids")[b, first : last + 1].tolist())
+            before = tokenizer.decode(getattr(batch, f"{name}_input_ids")[b, first + 1 : last + 1].tolist())
             assert entity in span and entity not in before, (entity, span)  # the shortest span that spells it
-            assert batch[f"{name}_intervention_mask"][b, first : last + 1].all()
+            assert getattr(batch, f"{name}_intervention_mask")[b, first : last + 1].all()
 
 
 def test_masks_cover_the_prefix_only(tokenizer, examples):
@@ -98,39 +100,39 @@ def test_masks_cover_the_prefix_only(tokenizer, examples):
     batch = Collator(tokenizer)(examples)
     for b, e in enumerate(examples):
         for name, prefix in (("base", e["input_prefix"]), ("source", e["counterfactual_input_prefix"])):
-            mask = batch[f"{name}_intervention_mask"][b]
+            mask = getattr(batch, f"{name}_intervention_mask")[b]
             assert mask.dtype == torch.bool
-            assert not (mask & ~batch[f"{name}_attention_mask"][b].bool()).any()  # never padding
-            selected = batch[f"{name}_input_ids"][b][mask].tolist()
+            assert not (mask & ~getattr(batch, f"{name}_attention_mask")[b].bool()).any()  # never padding
+            selected = getattr(batch, f"{name}_input_ids")[b][mask].tolist()
             assert selected == tokenizer(prefix, add_special_tokens=False).input_ids
             assert tokenizer.decode(selected) == prefix
             first = mask.shape[0] - len(_real(batch, name, b))
             assert not mask[first : first + len(lead)].any()  # never BOS
     with_suffix = Collator(tokenizer, include_base_suffix=True)(examples)
     for b, e in enumerate(examples):
-        selected = with_suffix["base_input_ids"][b][with_suffix["base_intervention_mask"][b]].tolist()
+        selected = with_suffix.base_input_ids[b][with_suffix.base_intervention_mask[b]].tolist()
         assert tokenizer.decode(selected) == e["input_prefix"] + e["input_suffix"]
-        labels = with_suffix["label_positions"][b][with_suffix["label_ids"][b] != -100] + 1
-        assert not with_suffix["base_intervention_mask"][b, labels].any()  # labels never selectable
+        labels = with_suffix.label_positions[b][with_suffix.label_ids[b] != -100] + 1
+        assert not with_suffix.base_intervention_mask[b, labels].any()  # labels never selectable
 
 
 def test_labels_are_teacher_forced_continuations(tokenizer, examples):
     batch = Collator(tokenizer)(examples)
-    positions, ids = batch["label_positions"], batch["label_ids"]
+    positions, ids = batch.label_positions, batch.label_ids
     assert positions.shape == ids.shape and positions.dtype == ids.dtype == torch.long
     for b, e in enumerate(examples):
         real = ids[b] != -100
         n = int(real.sum())
         assert real[:n].all() and not real[n:].any()
         # logits at position p predict token p + 1, and the label tokens end the base row
-        assert torch.equal(batch["base_input_ids"][b, positions[b, :n] + 1], ids[b, :n])
-        assert positions[b, n - 1] == batch["base_input_ids"].shape[1] - 2
+        assert torch.equal(batch.base_input_ids[b, positions[b, :n] + 1], ids[b, :n])
+        assert positions[b, n - 1] == batch.base_input_ids.shape[1] - 2
         assert (positions[b, n:] == positions[b, n - 1]).all()  # padding points at a valid index
         prompt = e["input_prefix"] + e["input_suffix"]
         assert tokenizer.decode(ids[b, :n].tolist()) == label_text(prompt, label_value(e))
-    assert batch["is_causal"].tolist() == [e["attribute_type"] == "causal" for e in examples]
-    assert batch["attribute"] == [e["attribute"] for e in examples]
-    assert set(batch) == KEYS
+    assert batch.is_causal.tolist() == [e["attribute_type"] == "causal" for e in examples]
+    assert batch.attribute == [e["attribute"] for e in examples]
+    assert {f.name for f in dataclasses.fields(batch) if getattr(batch, f.name) is not None} == KEYS  # all filled
 
 
 def test_label_tokens_follow_the_prompt(smollm2):
@@ -150,11 +152,11 @@ def test_left_padding_and_dataloader(smollm2, examples):
     batches = list(dataloader(examples, collator, batch_size=5, shuffle=True, seed=1))
     again = list(dataloader(examples, collator, batch_size=5, shuffle=True, seed=1))
     assert len(batches) == -(-len(examples) // 5) and all(
-        torch.equal(a["base_input_ids"], b["base_input_ids"]) for a, b in zip(batches, again, strict=True)
+        torch.equal(a.base_input_ids, b.base_input_ids) for a, b in zip(batches, again, strict=True)
     )
     for batch in batches:
         for name in ("base", "source", "instruction"):
-            mask = batch[f"{name}_attention_mask"]
+            mask = getattr(batch, f"{name}_attention_mask")
             assert mask.dtype == torch.long and mask[:, -1].all()  # left padded: every row ends with a token
             assert (mask.diff(dim=1) >= 0).all()
 

@@ -111,7 +111,7 @@ def test_prompts_are_checked_on_the_collators_base_tokens(smollm2):
 
     as_prompts = [Prompt(e["queried_attribute"], e["template"], e["entity"]) for e in isolate]
     check_prompts(Spy(tok), CITY, as_prompts, batch_size=len(isolate), progress=False)
-    rows = [batch["base_input_ids"][b][batch["base_attention_mask"][b].bool()].tolist() for b in range(len(isolate))]
+    rows = [batch.base_input_ids[b][batch.base_attention_mask[b].bool()].tolist() for b in range(len(isolate))]
     assert sorted(seen) == sorted(rows)
 
 

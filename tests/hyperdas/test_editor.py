@@ -37,10 +37,10 @@ def test_run_keys_by_hand():
 
 def _editor_encoding(model: HyperDAS, batch: dict, base_states: torch.Tensor, source_states: torch.Tensor):
     return model.editor(
-        model.instruction_embeddings(batch["instruction_input_ids"]),
-        batch["instruction_attention_mask"],
-        RunKeys.from_states(source_states, batch["source_attention_mask"], batch["source_intervention_mask"]),
-        RunKeys.from_states(base_states, batch["base_attention_mask"], batch["base_intervention_mask"]),
+        model.instruction_embeddings(batch.instruction_input_ids),
+        batch.instruction_attention_mask,
+        RunKeys.from_states(source_states, batch.source_attention_mask, batch.source_intervention_mask),
+        RunKeys.from_states(base_states, batch.base_attention_mask, batch.base_intervention_mask),
     )
 
 

@@ -43,14 +43,14 @@ def _hf_label_logits(model: HyperDAS, batch: dict, patch=None) -> torch.Tensor:
         )
     try:
         with torch.no_grad():
-            mask = batch["base_attention_mask"]
+            mask = batch.base_attention_mask
             logits = hf(
-                input_ids=batch["base_input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask)
+                input_ids=batch.base_input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
             ).logits
     finally:
         if handle is not None:
             handle.remove()
-    positions = batch["label_positions"]
+    positions = batch.label_positions
     return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
 
 
@@ -64,19 +64,19 @@ def test_floor_is_the_unpatched_target(model):
 def test_ceiling_patches_the_whole_last_entity_vector(model):
     batch = make_batch(VOCAB, batch=4, tb=11, ts=8, te=5, seed=2)
     with torch.no_grad():
-        mask = batch["source_attention_mask"]
+        mask = batch.source_attention_mask
         source = model.target.model(
-            input_ids=batch["source_input_ids"],
+            input_ids=batch.source_input_ids,
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask),
             output_hidden_states=True,
         )
     source_k = source.hidden_states[LAYER]  # (B, Ts, D): the input of decoder layer LAYER
-    rows = torch.arange(len(batch["base_entity_last"]))
+    rows = torch.arange(len(batch.base_entity_last))
 
     def write_source(hidden):
         hidden = hidden.clone()
-        hidden[rows, batch["base_entity_last"]] = source_k[rows, batch["source_entity_last"]]
+        hidden[rows, batch.base_entity_last] = source_k[rows, batch.source_entity_last]
         return hidden
 
     out = model.evaluate_batch(batch, ["soft"])

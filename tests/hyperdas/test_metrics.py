@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,11 +86,11 @@ def test_an_attribute_without_isolate_examples_reports_none():
 
 
 def test_per_domain_averages_and_records_from_a_batch():
-    batch = {
-        "attribute": ["Country", "Field", "Field"],
-        "attribute_type": ["causal", "causal", "isolate"],
-        "domain": ["city", "nobel_prize_winner", "nobel_prize_winner"],
-    }
+    batch = SimpleNamespace(  # the three string fields of a PairBatch are all records_from_batch reads
+        attribute=["Country", "Field", "Field"],
+        attribute_type=["causal", "causal", "isolate"],
+        domain=["city", "nobel_prize_winner", "nobel_prize_winner"],
+    )
     records = records_from_batch(batch, torch.tensor([True, False, True]))
     assert records[1] == {
         "attribute": "Field",

@@ -244,8 +244,8 @@ def test_the_papers_names_work(target64):
 def test_the_editor_ablations_read_what_they_say(target64):
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
     states = (
-        target64.hidden_states(batch["base_input_ids"], batch["base_attention_mask"]),
-        target64.hidden_states(batch["source_input_ids"], batch["source_attention_mask"]),
+        target64.hidden_states(batch.base_input_ids, batch.base_attention_mask),
+        target64.hidden_states(batch.source_input_ids, batch.source_attention_mask),
     )
     g = torch.Generator().manual_seed(3)
     # the editor L2-normalises its keys, so scaling would not change what it reads: add noise instead
@@ -309,9 +309,9 @@ def test_an_attribute_the_model_was_not_trained_on_is_refused(target64, tmp_path
     """The instruction routes by attribute name: an attribute never seen in training is an error, not a guess."""
     model = _model(target64, trained_attributes=["Country", "Language"])
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
-    batch["attribute"] = ["Country", "Language", "Country"]
+    batch.attribute = ["Country", "Language", "Country"]
     model(batch)  # trained attributes pass
-    batch["attribute"] = ["Country", "Continent", "Timezone"]
+    batch.attribute = ["Country", "Continent", "Timezone"]
     with pytest.raises(ValueError, match="localise Country, Language; the batch asks for Continent, Timezone"):
         model(batch)
     with pytest.raises(ValueError, match="asks for Continent"):

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from hyperdas.selection_stats import selection_stats, summarize_selection
 
 
-def _batch(n: int = 1) -> dict:
-    """Base of 6 tokens with the entity at 2..3, source of 5 tokens with the entity at 1..2."""
-    return {
-        "base_entity_first": torch.tensor([2] * n),
-        "base_entity_last": torch.tensor([3] * n),
-        "source_entity_first": torch.tensor([1] * n),
-        "source_entity_last": torch.tensor([2] * n),
-        "attribute": ["Country"] * n,
-        "attribute_type": ["causal"] * n,
-    }
+def _batch(n: int = 1) -> SimpleNamespace:
+    """The PairBatch fields selection_stats reads: base of 6 tokens with the entity at 2..3, source of 5 tokens
+    with the entity at 1..2."""
+    return SimpleNamespace(
+        base_entity_first=torch.tensor([2] * n),
+        base_entity_last=torch.tensor([3] * n),
+        source_entity_first=torch.tensor([1] * n),
+        source_entity_last=torch.tensor([2] * n),
+        attribute=["Country"] * n,
+        attribute_type=["causal"] * n,
+    )
 
 
 def _keep_all(ts: int = 5, tb: int = 6) -> torch.Tensor:

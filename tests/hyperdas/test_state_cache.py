@@ -25,8 +25,8 @@ def _model(target) -> HyperDAS:
 
 
 def _rows(batch) -> list[tuple[int, ...]]:
-    return real_rows(batch["base_input_ids"], batch["base_attention_mask"]) + real_rows(
-        batch["source_input_ids"], batch["source_attention_mask"]
+    return real_rows(batch.base_input_ids, batch.base_attention_mask) + real_rows(
+        batch.source_input_ids, batch.source_attention_mask
     )
 
 

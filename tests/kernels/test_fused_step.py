@@ -20,7 +20,7 @@ VOCAB = 67
 def test_fused_step_equals_pytorch_step(subspace):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     target = build_random_target(tiny_llama_config(VOCAB), seed=2).to(device)
-    batch = {k: v.to(device) for k, v in make_batch(VOCAB, batch=3, tb=9, ts=7, te=5).items()}
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5).to(device)
     weights = LossWeights(sparsity=0.5)
     results = []
     for fused in (False, True):

@@ -36,6 +36,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hyperdas.data.batch import PairBatch
 from hyperdas.train.launch import free_local_port
 
 pytest.importorskip("deepspeed")
@@ -208,7 +209,7 @@ def test_exported_editor_loads_in_one_process_with_the_same_outputs(workdir, zer
     target = load_target(str(workdir / "target"))
     model = HyperDAS.from_pretrained(zero3_run / "export", target).eval()
     data = SyntheticPairs(6, target.config.vocab_size, seed=2)
-    batch = {k: torch.stack([item[k] for item in data.items]) for k in data.items[0]}
+    batch = PairBatch.from_mapping({k: torch.stack([item[k] for item in data.items]) for k in data.items[0]})
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)  # the workers' thread count: the same GEMM blocking, the same rounding
     try:
@@ -221,6 +222,6 @@ def test_exported_editor_loads_in_one_process_with_the_same_outputs(workdir, zer
     torch.testing.assert_close(output.logits, distributed["logits"], rtol=0, atol=0)
     torch.testing.assert_close(output.selection, distributed["selection"], rtol=0, atol=0)
     torch.testing.assert_close(output.loss, distributed["loss"], rtol=0, atol=0)
-    accuracy = (output.logits.argmax(-1) == batch["label_ids"]).float().mean()
-    distributed_accuracy = (distributed["logits"].argmax(-1) == batch["label_ids"]).float().mean()
+    accuracy = (output.logits.argmax(-1) == batch.label_ids).float().mean()
+    distributed_accuracy = (distributed["logits"].argmax(-1) == batch.label_ids).float().mean()
     assert accuracy == distributed_accuracy
