@@ -95,18 +95,3 @@ class PairBatch:
                 if isinstance(value := getattr(self, f.name), torch.Tensor)
             },
         )
-
-    def rows(self, index: torch.Tensor | slice | list[int]) -> PairBatch:
-        """The examples ``index`` picks (a slice, a list of rows or a bool mask), every field cut alike."""
-        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
-            index = index.nonzero().flatten().tolist()
-        picked = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                picked[f.name] = value[index]
-            elif isinstance(value, list):
-                picked[f.name] = value[index] if isinstance(index, slice) else [value[i] for i in index]
-            else:
-                picked[f.name] = value
-        return PairBatch(**picked)
