@@ -28,7 +28,8 @@ import pytest
 import torch
 from device_stamp import copy_bandwidth_gbps
 
-from hyperdas.kernels.interchange import interchange, interchange_reference
+from hyperdas.kernels.interchange import interchange
+from hyperdas.kernels.interchange_reference import interchange_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

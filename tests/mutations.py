@@ -195,7 +195,7 @@ MUTATIONS = (
     ),
     Mutation(
         "the interchange drops the SELF share",
-        "kernels/interchange.py",
+        "kernels/interchange_reference.py",
         "mixed = torch.bmm(Af[:, :Ts].transpose(1, 2), Sf) + Af[:, Ts, :, None] * hf",
         "mixed = torch.bmm(Af[:, :Ts].transpose(1, 2), Sf)",
         ("tests/kernels/test_interchange.py", MODEL_VS_ORACLE),

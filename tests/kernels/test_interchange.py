@@ -15,8 +15,9 @@ import textwrap
 import pytest
 import torch
 
-import hyperdas.kernels.interchange as ic
-from hyperdas.kernels.interchange import Interchange, interchange, interchange_reference
+from hyperdas.kernels import common
+from hyperdas.kernels.interchange import Interchange, interchange
+from hyperdas.kernels.interchange_reference import interchange_reference
 
 # Largest error allowed, relative to the largest magnitude of the float64 reference value.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
@@ -29,7 +30,7 @@ def nan_buffers(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ic, "_empty", nan_empty)
+    monkeypatch.setattr(common, "empty_buffer", nan_empty)
 
 
 def make_inputs(
@@ -259,22 +260,21 @@ def test_kernels_compile_for_sm90():
             ("*bf16", torch.bfloat16, tl.bfloat16, "tf32", 128),
             ("*fp32", torch.float32, tl.float32, "ieee", 5),
         ):
-            cfg = ic._blocks(64, 40, r, dtype)
-            nw = cfg.pop("num_warps")
+            cfg, nw = ic._tiles(64, 40, r, dtype)
             cfg.update(DOT=dot, PREC=prec)
             f = "*fp32"
-            for sel, proj in ((1, True), (0, True), (1, False)):
+            for weighted, proj in ((True, True), (False, True), (True, False)):
                 build(ic._interchange_fwd_kernel, dict(h_ptr=t, s_ptr=t, a_ptr=f, w_ptr=t, m_ptr="*u8", out_ptr=t,
-                      c_ptr=f), dict(SELECT=sel, PROJECT=proj, HAS_MASK=True, STORE_C=proj, **cfg), nw)
+                      c_ptr=f), dict(WEIGHTED=weighted, PROJECT=proj, HAS_MASK=True, STORE_C=proj, **cfg), nw)
                 build(ic._interchange_bwd_rows_kernel, dict(g_ptr=t, h_ptr=t, s_ptr=t, a_ptr=f, w_ptr=t,
-                      m_ptr="*u8", dc_ptr=f, dh_ptr=t, ds_ptr=t, da_ptr=f), dict(SELECT=sel, PROJECT=proj,
+                      m_ptr="*u8", dc_ptr=f, dh_ptr=t, ds_ptr=t, da_ptr=f), dict(WEIGHTED=weighted, PROJECT=proj,
                       HAS_MASK=True, NEED_DH=True, NEED_DS=True, NEED_DA=True, STORE_DC=proj, **cfg), nw)
-                if sel == 1:
+                if weighted:
                     build(ic._interchange_bwd_source_kernel, dict(g_ptr=t, a_ptr=f, w_ptr=t, m_ptr="*u8",
                           dc_ptr=f, ds_ptr=t), dict(PROJECT=proj, HAS_MASK=True, **cfg), nw)
                 if proj:
                     build(ic._interchange_bwd_weight_kernel, dict(g_ptr=t, h_ptr=t, s_ptr=t, a_ptr=f, c_ptr=f,
-                          dc_ptr=f, dw_ptr=f), dict(SELECT=sel, **cfg), nw)
+                          dc_ptr=f, dw_ptr=f), dict(WEIGHTED=weighted, **cfg), nw)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
