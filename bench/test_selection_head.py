@@ -19,7 +19,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from hyperdas.kernels.selection_head import selection_head, selection_head_naive, selection_head_torch
+from hyperdas.kernels.selection_head import fused_selection_head
+from hyperdas.kernels.selection_head_reference import selection_head_naive, selection_head_torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -30,7 +31,7 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 PATHS: dict[str, Callable[..., torch.Tensor]] = {
     "naive": selection_head_naive,
     "torch": selection_head_torch,
-    "fused": lambda *args: selection_head(*args, use_triton=True),
+    "fused": lambda *args: fused_selection_head(*args, use_triton=True),
 }
 _NAIVE_CACHE: dict[str, dict[str, float | int | None]] = {}
 

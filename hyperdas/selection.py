@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperdas.config import SELECTION_MODES
-from hyperdas.kernels.selection_head import selection_head
+from hyperdas.kernels.selection_head import fused_selection_head
 
 
 class SelectionHead(nn.Module):
@@ -74,7 +74,7 @@ class SelectionHead(nn.Module):
             *source_states.shape[:2], self.num_heads, self.head_dim
         )  # (B, Ts, H, hd)
         query = self.query_proj(encoding).view(encoding.shape[0], self.num_heads, self.head_dim)  # (B, H, hd)
-        return selection_head(
+        return fused_selection_head(
             base_keys,
             source_keys,
             self_keys,

@@ -1,4 +1,4 @@
-"""HyperDAS token-position selection head: a column softmax over source tokens, fused in Triton.
+"""HyperDAS token-position selection head, fused in Triton: kernels, launchers, autograd, module.
 
 The head scores every (source token i, base token j) pair and normalises over the SOURCE axis, with an extra
 SELF row (i = Ts, "keep the base"), so that every column of A (B, Ts+1, Tb) sums to 1 (METHOD.md section 3).
@@ -17,34 +17,27 @@ q̃_j = concat_h R_jᵀ q_h (B, Tb, H·hd) the logits split into a per-column te
     logit_ij = 1/(H sqrt(hd)) [q̃_j . kb_j + q̃_j . ks_i],
 
 and no (B, Ts, Tb, H, hd) pair tensor is ever needed. The fast paths (PyTorch and Triton, forward and
-backward) rotate by the relative angle p_j - p_q; the naive oracle rotates q and every key separately.
-The file holds, in order: the RoPE helper, the literal reference (`selection_head_naive`, the oracle, which
-does materialise the pair keys as the authors' code does), the factorised PyTorch form (`selection_head_torch`,
-the CPU path), the Triton kernels with their launchers and `SelectionHeadFunction`, the dispatching
-`selection_head`, and the thin `SelectionHead` module.
-
-RoPE follows Hugging Face Llama ("rotate_half"): with x = (x1, x2) split in halves and θ_f = p·inv_freq_f,
-RoPE_p(x) = (x1 cos θ - x2 sin θ, x2 cos θ + x1 sin θ) and its transpose RoPE_pᵀ = RoPE_{-p}.
+backward) rotate by the relative angle p_j - p_q; the naive oracle rotates q and every key separately. The
+PyTorch paths (`selection_head_naive`, the oracle, and `selection_head_torch`, the CPU path) are in
+selection_head_reference.py; this file holds the Triton kernels, their launchers, `SelectionHeadFunction`,
+the dispatching `fused_selection_head` and the thin `FusedSelectionHead` module. ("Fused": no pair tensor; the
+module with the projections is hyperdas.selection.SelectionHead.) RoPE is as in hyperdas.kernels.common.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import nn
 
-__all__ = [
-    "SelectionHead",
-    "SelectionHeadFunction",
-    "rope_rotate",
-    "selection_head",
-    "selection_head_naive",
-    "selection_head_torch",
-]
+from hyperdas.kernels import common
+from hyperdas.kernels.common import check_switch, choose_triton, dot_precision, require_triton, rope_angles
+from hyperdas.kernels.selection_head_reference import check_inputs, selection_head_torch
+
+__all__ = ["FusedSelectionHead", "SelectionHeadFunction", "fused_selection_head"]
 
 # Largest tile sizes of the Triton kernels (rows i, columns j, RoPE pairs f). Every tile is at least 16 wide,
 # the smallest shape tl.dot accepts; tests lower these to force several tiles along every axis. The forward
@@ -52,207 +45,8 @@ __all__ = [
 BLOCK_I_MAX = 64
 BLOCK_J_MAX = 16
 BLOCK_F_MAX = 32
-
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Input checks and RoPE
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _check_inputs(
-    base_keys: torch.Tensor,
-    source_keys: torch.Tensor,
-    self_keys: torch.Tensor,
-    query: torch.Tensor,
-    base_positions: torch.Tensor,
-    query_positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    base_mask: torch.Tensor,
-    source_mask: torch.Tensor,
-) -> tuple[int, int, int, int, int]:
-    """Validate the contract's shapes and dtypes; return (B, Ts, Tb, H, hd)."""
-    if base_keys.dim() != 4:
-        raise ValueError(f"base_keys must be (B, Tb, H, hd), got shape {tuple(base_keys.shape)}")
-    B, Tb, H, hd = base_keys.shape
-    if hd % 2:
-        raise ValueError(f"head_dim must be even for RoPE, got hd={hd}")
-    if source_keys.dim() != 4 or source_keys.shape[0] != B or source_keys.shape[2:] != (H, hd):
-        raise ValueError(
-            f"source_keys must be (B, Ts, H, hd) = ({B}, Ts, {H}, {hd}), got shape {tuple(source_keys.shape)}"
-        )
-    Ts = source_keys.shape[1]
-    expected = {
-        "self_keys": (self_keys, (B, Tb, H, hd)),
-        "query": (query, (B, H, hd)),
-        "base_positions": (base_positions, (B, Tb)),
-        "query_positions": (query_positions, (B,)),
-        "inv_freq": (inv_freq, (hd // 2,)),
-        "base_mask": (base_mask, (B, Tb)),
-        "source_mask": (source_mask, (B, Ts)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{name} must have shape {shape} (B={B}, Ts={Ts}, Tb={Tb}, H={H}, hd={hd}), got {tuple(tensor.shape)}"
-            )
-    if Ts < 1 or Tb < 1:
-        raise ValueError(f"need at least one source and one base token, got Ts={Ts}, Tb={Tb}")
-    for name, tensor in (
-        ("base_keys", base_keys),
-        ("source_keys", source_keys),
-        ("self_keys", self_keys),
-        ("query", query),
-        ("inv_freq", inv_freq),
-    ):
-        if not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-    for name, tensor in (("base_positions", base_positions), ("query_positions", query_positions)):
-        if tensor.is_floating_point() or tensor.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor, got dtype {tensor.dtype}")
-    for name, tensor in (("base_mask", base_mask), ("source_mask", source_mask)):
-        if tensor.dtype != torch.bool:
-            raise ValueError(f"{name} must be a bool tensor, got dtype {tensor.dtype}")
-    devices = {
-        t.device
-        for t in (
-            base_keys,
-            source_keys,
-            self_keys,
-            query,
-            base_positions,
-            query_positions,
-            inv_freq,
-            base_mask,
-            source_mask,
-        )
-    }
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
-    return B, Ts, Tb, H, hd
-
-
-def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype the PyTorch paths compute in: at least float32 (float64 when an input is float64)."""
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """rotate_half(x) = cat(-x2, x1) over the last axis, with x = cat(x1, x2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_rotate(
-    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False
-) -> torch.Tensor:
-    """Hugging Face Llama RoPE: x·cos(emb) + rotate_half(x)·sin(emb), emb = cat(θ, θ), θ = p·inv_freq.
-
-    Args:
-        x: (..., H, hd) vectors to rotate; the heads axis is the second to last.
-        positions: integer positions broadcastable with x.shape[:-2].
-        inv_freq: (hd/2,) inverse frequencies.
-        inverse: rotate by -p instead, i.e. apply RoPE_pᵀ (RoPE_p is orthogonal).
-
-    Returns:
-        The rotated x, in float32 (float64 when x or inv_freq is float64).
-    """
-    dtype = _work_dtype(x, inv_freq)
-    theta = positions.to(dtype)[..., None] * inv_freq.to(dtype)  # (..., hd/2)
-    emb = torch.cat((theta, theta), dim=-1)[..., None, :]  # (..., 1, hd)
-    sin = -emb.sin() if inverse else emb.sin()
-    x = x.to(dtype)
-    return x * emb.cos() + _rotate_half(x) * sin
-
-
-# --------------------------------------------------------------------------------------------------------------
-# PyTorch references
-# --------------------------------------------------------------------------------------------------------------
-
-
-def selection_head_naive(
-    base_keys: torch.Tensor,
-    source_keys: torch.Tensor,
-    self_keys: torch.Tensor,
-    query: torch.Tensor,
-    base_positions: torch.Tensor,
-    query_positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    base_mask: torch.Tensor,
-    source_mask: torch.Tensor,
-) -> torch.Tensor:
-    """The literal, unfused selection head (the oracle): materialise every pair key, rotate, dot, softmax.
-
-    K_ij = RoPE_{p_j}(kb_j + ks_i) for i < Ts and K_Ts,j = RoPE_{p_j}(kself_j), all (B, Ts+1, Tb, H, hd);
-    q̂ = RoPE_{p_q}(q); logit_ij = mean_h(q̂_h . K_ij,h) / sqrt(hd), -inf where source i or base j is not
-    selectable (i < Ts); A = softmax over i.
-
-    Args:
-        base_keys: (B, Tb, H, hd) W_k W1 b_j.
-        source_keys: (B, Ts, H, hd) W_k W2 s_i.
-        self_keys: (B, Tb, H, hd) W_k b_j, the SELF row's keys.
-        query: (B, H, hd) W_q e, before RoPE.
-        base_positions: (B, Tb) integer RoPE position of each base column.
-        query_positions: (B,) integer RoPE position of the query (the last instruction token's, real tokens
-            counted from 0, so left padding does not shift it).
-        inv_freq: (hd/2,) RoPE inverse frequencies.
-        base_mask: (B, Tb) bool, selectable base positions.
-        source_mask: (B, Ts) bool, selectable source tokens.
-
-    Returns:
-        A: (B, Ts+1, Tb) float32 (float64 when the inputs are float64); every column sums to 1.
-    """
-    B, Ts, Tb, H, hd = _check_inputs(
-        base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask, source_mask
-    )
-    dtype = _work_dtype(base_keys, source_keys, self_keys, query, inv_freq)
-    pair_keys = base_keys.to(dtype)[:, None] + source_keys.to(dtype)[:, :, None]  # (B, Ts, Tb, H, hd)
-    pair_keys = rope_rotate(pair_keys, base_positions[:, None, :], inv_freq)
-    own_keys = rope_rotate(self_keys.to(dtype), base_positions, inv_freq)  # (B, Tb, H, hd)
-    keys = torch.cat((pair_keys, own_keys[:, None]), dim=1)  # (B, Ts+1, Tb, H, hd)
-    rotated_query = rope_rotate(query.to(dtype), query_positions, inv_freq)  # (B, H, hd)
-    logits = (keys * rotated_query[:, None, None]).sum(-1).mean(-1) / math.sqrt(hd)  # (B, Ts+1, Tb)
-    selectable = source_mask[:, :, None] & base_mask[:, None, :]  # (B, Ts, Tb)
-    keep = torch.cat((selectable, selectable.new_ones(B, 1, Tb)), dim=1)  # (B, Ts+1, Tb)
-    return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)
-
-
-def selection_head_torch(
-    base_keys: torch.Tensor,
-    source_keys: torch.Tensor,
-    self_keys: torch.Tensor,
-    query: torch.Tensor,
-    base_positions: torch.Tensor,
-    query_positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    base_mask: torch.Tensor,
-    source_mask: torch.Tensor,
-) -> torch.Tensor:
-    """The selection head without pair tensors: a per-column term plus one batched matmul.
-
-    q̃_j = concat_h RoPE_{p_j - p_q}ᵀ q_h (B, Tb, H·hd); logit_ij = (q̃_j . kb_j + q̃_j . ks_i) / (H sqrt(hd)) for
-    i < Ts, logit_Ts,j = q̃_j . kself_j / (H sqrt(hd)); masked and column-softmaxed as in
-    `selection_head_naive`. Arguments and result are those of `selection_head_naive`.
-    """
-    B, Ts, Tb, H, hd = _check_inputs(
-        base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask, source_mask
-    )
-    dtype = _work_dtype(base_keys, source_keys, self_keys, query, inv_freq)
-    scale = 1.0 / (H * math.sqrt(hd))
-    relative = base_positions - query_positions[:, None]  # (B, Tb): RoPE_{p_q} then RoPE_{p_j}ᵀ
-    q_rot = rope_rotate(query.to(dtype)[:, None].expand(B, Tb, H, hd), relative, inv_freq, inverse=True)
-    q_rot = q_rot.reshape(B, Tb, H * hd)  # (B, Tb, D) with D = H·hd
-    column = (q_rot * base_keys.to(dtype).reshape(B, Tb, H * hd)).sum(-1)  # (B, Tb)
-    own = (q_rot * self_keys.to(dtype).reshape(B, Tb, H * hd)).sum(-1)  # (B, Tb)
-    cross = torch.bmm(source_keys.to(dtype).reshape(B, Ts, H * hd), q_rot.transpose(1, 2))  # (B, Ts, Tb)
-    logits = (cross + column[:, None, :]) * scale
-    selectable = source_mask[:, :, None] & base_mask[:, None, :]  # (B, Ts, Tb)
-    logits = torch.cat((logits.masked_fill(~selectable, float("-inf")), (own * scale)[:, None]), dim=1)
-    return torch.softmax(logits, dim=1)  # (B, Ts+1, Tb)
+# The kernels lift every tile to fp32 before a dot, so the dots take the fp32 policy (exact products).
+_PREC = dot_precision(torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,6 +104,7 @@ def _selection_fwd_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Forward for one batch row b and a tile of BLOCK_J base columns; writes A[b, :, j-tile].
 
@@ -355,8 +150,8 @@ def _selection_fwd_kernel(
             if_ok = i_ok[:, None] & f_ok[None, :]
             ks1 = tl.load(ks_ptr + rows + lo[None, :], mask=if_ok, other=0.0).to(tl.float32)  # (I, F)
             ks2 = tl.load(ks_ptr + rows + hi[None, :], mask=if_ok, other=0.0).to(tl.float32)
-            acc = tl.dot(ks1, tl.trans(q1), acc, input_precision="ieee")
-            acc = tl.dot(ks2, tl.trans(q2), acc, input_precision="ieee")
+            acc = tl.dot(ks1, tl.trans(q1), acc, input_precision=PREC)
+            acc = tl.dot(ks2, tl.trans(q2), acc, input_precision=PREC)
         source_ok = tl.load(smask_ptr + b * Ts + offs_i, mask=i_ok, other=0) != 0
         logits = acc * scale + column[None, :]
         logits = tl.where(source_ok[:, None] & base_ok[None, :], logits, float("-inf"))  # (I, J)
@@ -434,6 +229,7 @@ def _source_bwd_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """d ks_i = Σ_j G_ij q̃_j for a tile of source rows and a tile of RoPE pairs (a (Ts x Tb)(Tb x D) matmul)."""
     b = tl.program_id(0).to(tl.int64)
@@ -448,8 +244,8 @@ def _source_bwd_kernel(
         q1, q2, cos, sin = _rotated_query(q_ptr, cos_ptr, sin_ptr, b, offs_j, lo, hi, r, f_ok, Tb, P, HALF)
         g_ok = i_ok[:, None] & (offs_j < Tb)[None, :]
         g = tl.load(g_ptr + (b * (Ts + 1) + offs_i)[:, None] * Tb + offs_j[None, :], mask=g_ok, other=0.0)
-        acc1 = tl.dot(g, q1, acc1, input_precision="ieee")
-        acc2 = tl.dot(g, q2, acc2, input_precision="ieee")
+        acc1 = tl.dot(g, q1, acc1, input_precision=PREC)
+        acc2 = tl.dot(g, q2, acc2, input_precision=PREC)
     rows = (b * Ts + offs_i)[:, None] * (P * 2)
     if_ok = i_ok[:, None] & f_ok[None, :]
     tl.store(dks_ptr + rows + lo[None, :], acc1.to(dks_ptr.dtype.element_ty), mask=if_ok)
@@ -477,6 +273,7 @@ def _base_bwd_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Column-side gradients for one batch row and a tile of RoPE pairs, looping over every base column.
 
@@ -508,8 +305,8 @@ def _base_bwd_kernel(
             if_ok = i_ok[:, None] & f_ok[None, :]
             ks1 = tl.load(ks_ptr + rows + lo[None, :], mask=if_ok, other=0.0).to(tl.float32)  # (I, F)
             ks2 = tl.load(ks_ptr + rows + hi[None, :], mask=if_ok, other=0.0).to(tl.float32)
-            acc1 = tl.dot(g_t, ks1, acc1, input_precision="ieee")
-            acc2 = tl.dot(g_t, ks2, acc2, input_precision="ieee")
+            acc1 = tl.dot(g_t, ks1, acc1, input_precision=PREC)
+            acc2 = tl.dot(g_t, ks2, acc2, input_precision=PREC)
         g_sum = tl.load(gsum_ptr + b * Tb + offs_j, mask=j_ok, other=0.0)[:, None]  # (J, 1)
         g_own = tl.load(g_ptr + (b * (Ts + 1) + Ts) * Tb + offs_j, mask=j_ok, other=0.0)[:, None]
         rows = (b * Tb + offs_j)[:, None] * D
@@ -531,13 +328,8 @@ def _base_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Launchers and autograd
+# Launchers: allocate the outputs, launch one kernel each
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the kernels write (tests replace this to poison outputs with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _tile(n: int, largest: int) -> int:
@@ -545,25 +337,80 @@ def _tile(n: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(n)))
 
 
+def _constexprs(Ts: int, Tb: int, hd: int, P: int) -> dict:
+    """The kernels' constexprs: half and whole head size, the tile sizes, the dot precision."""
+    return dict(
+        HALF=hd // 2,
+        HD=hd,
+        BLOCK_I=_tile(Ts, BLOCK_I_MAX),
+        BLOCK_J=_tile(Tb, BLOCK_J_MAX),
+        BLOCK_F=_tile(P, BLOCK_F_MAX),
+        PREC=_PREC,
+    )
+
+
 def _rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of θ = p·inv_freq in float32, as Hugging Face computes them: (B, Tb, hd/2) each (p may be < 0)."""
-    theta = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
+    theta = rope_angles(positions, inv_freq, torch.float32)
     return theta.cos().contiguous(), theta.sin().contiguous()
 
 
-def _check_triton(*tensors: torch.Tensor) -> None:
-    """The Triton path needs CUDA tensors (or Triton's CPU interpreter) and a dtype it supports."""
-    for tensor in tensors:
-        if tensor.dtype not in _TRITON_DTYPES:
-            raise ValueError(
-                f"the Triton selection head takes float32, bfloat16 or float16 keys and query, got "
-                f"{tensor.dtype}; use use_triton=False for other dtypes"
-            )
-    if not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"the Triton selection head needs CUDA tensors (got device {tensors[0].device}) or "
-            "TRITON_INTERPRET=1 set before triton is imported; use use_triton=False on CPU"
-        )
+def _launch_forward(kb, ks, kself, q, cos, sin, base_mask, source_mask) -> torch.Tensor:
+    """A (B, Ts+1, Tb) float32 from contiguous keys and query and the relative-angle tables."""
+    B, Tb, H, hd = kb.shape
+    Ts = ks.shape[1]
+    cx = _constexprs(Ts, Tb, hd, H * hd // 2)
+    scores = common.empty_buffer((B, Ts + 1, Tb), torch.float32, kb.device)
+    _selection_fwd_kernel[(B, triton.cdiv(Tb, cx["BLOCK_J"]))](
+        kb, ks, kself, q, cos, sin,
+        base_mask.to(torch.int8).contiguous(), source_mask.to(torch.int8).contiguous(), scores,
+        Ts, Tb, H * hd // 2, 1.0 / (H * math.sqrt(hd)),
+        **cx,
+    )  # fmt: skip
+    return scores
+
+
+def _launch_softmax_backward(scores, grad_scores, H: int, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """G = s·A ⊙ (dA − Σ_i A dA) (B, Ts+1, Tb) with the logit scale s folded in, and Σ_{i<Ts} G_ij (B, Tb)."""
+    B, rows, Tb = scores.shape
+    cx = _constexprs(rows - 1, Tb, hd, H * hd // 2)
+    grad_logits = common.empty_buffer((B, rows, Tb), torch.float32, scores.device)
+    grad_sum = common.empty_buffer((B, Tb), torch.float32, scores.device)
+    _softmax_bwd_kernel[(B, triton.cdiv(Tb, cx["BLOCK_J"]))](
+        scores, grad_scores.contiguous(), grad_logits, grad_sum, rows - 1, Tb, 1.0 / (H * math.sqrt(hd)),
+        BLOCK_I=cx["BLOCK_I"], BLOCK_J=cx["BLOCK_J"],
+    )  # fmt: skip
+    return grad_logits, grad_sum
+
+
+def _launch_source_backward(grad_logits, q, cos, sin, ks) -> torch.Tensor:
+    """d ks = G[:, :Ts] q̃: (B, Ts, H, hd) in the source keys' dtype."""
+    B, Ts, H, hd = ks.shape
+    Tb, P = cos.shape[1], H * hd // 2
+    cx = _constexprs(Ts, Tb, hd, P)
+    d_source = common.empty_buffer(tuple(ks.shape), ks.dtype, ks.device)
+    grid = (B, triton.cdiv(Ts, cx["BLOCK_I"]), triton.cdiv(P, cx["BLOCK_F"]))
+    _source_bwd_kernel[grid](grad_logits, q, cos, sin, d_source, Ts, Tb, P, **cx)
+    return d_source
+
+
+def _launch_base_backward(grad_logits, grad_sum, kb, ks, kself, q, cos, sin):
+    """d kb, d kself (B, Tb, H, hd) and d q (B, H, hd), each in its input's dtype."""
+    B, Tb, H, hd = kb.shape
+    Ts, P = ks.shape[1], H * hd // 2
+    cx = _constexprs(Ts, Tb, hd, P)
+    d_base = common.empty_buffer(tuple(kb.shape), kb.dtype, kb.device)
+    d_self = common.empty_buffer(tuple(kself.shape), kself.dtype, kb.device)
+    d_query = common.empty_buffer(tuple(q.shape), q.dtype, kb.device)
+    _base_bwd_kernel[(B, triton.cdiv(P, cx["BLOCK_F"]))](
+        grad_logits, grad_sum, kb, ks, kself, q, cos, sin, d_base, d_self, d_query, Ts, Tb, P, **cx
+    )
+    return d_base, d_self, d_query
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Autograd, functional form, module
+# --------------------------------------------------------------------------------------------------------------
 
 
 class SelectionHeadFunction(torch.autograd.Function):
@@ -589,34 +436,13 @@ class SelectionHeadFunction(torch.autograd.Function):
         base_mask: torch.Tensor,
         source_mask: torch.Tensor,
     ) -> torch.Tensor:
-        B, Ts, Tb, H, hd = _check_inputs(
+        check_inputs(
             base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask, source_mask
         )
-        _check_triton(base_keys, source_keys, self_keys, query)
+        require_triton("selection head", base_keys, source_keys, self_keys, query)
         kb, ks, kself, q = (t.contiguous() for t in (base_keys, source_keys, self_keys, query))
         cos, sin = _rope_tables(base_positions - query_positions[:, None], inv_freq)  # relative to the query
-        scores = _alloc((B, Ts + 1, Tb), torch.float32, kb.device)
-        block_j = _tile(Tb, BLOCK_J_MAX)
-        _selection_fwd_kernel[(B, triton.cdiv(Tb, block_j))](
-            kb,
-            ks,
-            kself,
-            q,
-            cos,
-            sin,
-            base_mask.to(torch.int8).contiguous(),
-            source_mask.to(torch.int8).contiguous(),
-            scores,
-            Ts,
-            Tb,
-            H * hd // 2,
-            1.0 / (H * math.sqrt(hd)),
-            HALF=hd // 2,
-            HD=hd,
-            BLOCK_I=_tile(Ts, BLOCK_I_MAX),
-            BLOCK_J=block_j,
-            BLOCK_F=_tile(H * hd // 2, BLOCK_F_MAX),
-        )
+        scores = _launch_forward(kb, ks, kself, q, cos, sin, base_mask, source_mask)
         ctx.save_for_backward(kb, ks, kself, q, cos, sin, scores)
         return scores
 
@@ -624,38 +450,11 @@ class SelectionHeadFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_scores: torch.Tensor):
         kb, ks, kself, q, cos, sin, scores = ctx.saved_tensors
-        B, Tb, H, hd = kb.shape
-        Ts = ks.shape[1]
-        P = H * hd // 2
-        device = kb.device
-        block_i, block_j, block_f = _tile(Ts, BLOCK_I_MAX), _tile(Tb, BLOCK_J_MAX), _tile(P, BLOCK_F_MAX)
-        consts = dict(HALF=hd // 2, HD=hd, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_F=block_f)
-        grad_logits = _alloc((B, Ts + 1, Tb), torch.float32, device)  # G, with the logit scale folded in
-        grad_sum = _alloc((B, Tb), torch.float32, device)  # Σ_{i<Ts} G_ij
-        _softmax_bwd_kernel[(B, triton.cdiv(Tb, block_j))](
-            scores,
-            grad_scores.contiguous(),
-            grad_logits,
-            grad_sum,
-            Ts,
-            Tb,
-            1.0 / (H * math.sqrt(hd)),
-            BLOCK_I=block_i,
-            BLOCK_J=block_j,
-        )
-        d_source = None
-        if ctx.needs_input_grad[1]:
-            d_source = _alloc(tuple(ks.shape), ks.dtype, device)
-            _source_bwd_kernel[(B, triton.cdiv(Ts, block_i), triton.cdiv(P, block_f))](
-                grad_logits, q, cos, sin, d_source, Ts, Tb, P, **consts
-            )
-        d_base = _alloc(tuple(kb.shape), kb.dtype, device)
-        d_self = _alloc(tuple(kself.shape), kself.dtype, device)
-        d_query = _alloc(tuple(q.shape), q.dtype, device)
-        _base_bwd_kernel[(B, triton.cdiv(P, block_f))](
-            grad_logits, grad_sum, kb, ks, kself, q, cos, sin, d_base, d_self, d_query, Ts, Tb, P, **consts
-        )
+        H, hd = kb.shape[2:]
         needs = ctx.needs_input_grad
+        grad_logits, grad_sum = _launch_softmax_backward(scores, grad_scores, H, hd)
+        d_source = _launch_source_backward(grad_logits, q, cos, sin, ks) if needs[1] else None
+        d_base, d_self, d_query = _launch_base_backward(grad_logits, grad_sum, kb, ks, kself, q, cos, sin)
         return (
             d_base if needs[0] else None,
             d_source,
@@ -669,12 +468,7 @@ class SelectionHeadFunction(torch.autograd.Function):
         )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Public entry points
-# --------------------------------------------------------------------------------------------------------------
-
-
-def selection_head(
+def fused_selection_head(
     base_keys: torch.Tensor,
     source_keys: torch.Tensor,
     self_keys: torch.Tensor,
@@ -684,36 +478,34 @@ def selection_head(
     inv_freq: torch.Tensor,
     base_mask: torch.Tensor,
     source_mask: torch.Tensor,
+    *,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
-    """The selection matrix A (B, Ts+1, Tb), float32, columns summing to 1 (see `selection_head_naive`).
+    """The selection matrix A (B, Ts+1, Tb), float32, columns summing to 1, without a pair tensor.
 
     Args:
         base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask,
-            source_mask: as in `selection_head_naive`.
+            source_mask: as in `selection_head_naive` (selection_head_reference.py).
         use_triton: True forces the fused Triton op (CUDA, or CPU under TRITON_INTERPRET=1), False forces
             `selection_head_torch`; None picks Triton when the keys are on CUDA in a dtype it takes
             (float32, bfloat16, float16), else `selection_head_torch`.
     """
-    if use_triton is None:
-        use_triton = base_keys.is_cuda and all(
-            t.dtype in _TRITON_DTYPES for t in (base_keys, source_keys, self_keys, query)
-        )
     args = (base_keys, source_keys, self_keys, query, base_positions, query_positions, inv_freq, base_mask, source_mask)
-    if use_triton:
+    if choose_triton(use_triton, base_keys, source_keys, self_keys, query):
         return SelectionHeadFunction.apply(*args)
     return selection_head_torch(*args)
 
 
-class SelectionHead(nn.Module):
-    """Drop-in module around `selection_head` (no parameters: the model owns the projections).
+class FusedSelectionHead(nn.Module):
+    """Drop-in module around `fused_selection_head` (no parameters: the model owns the projections).
 
     Args:
-        use_triton: passed to `selection_head` (None: Triton on CUDA, PyTorch elsewhere).
+        use_triton: passed to `fused_selection_head` (None: Triton on CUDA, PyTorch elsewhere).
     """
 
     def __init__(self, use_triton: bool | None = None) -> None:
         super().__init__()
+        check_switch(use_triton)
         self.use_triton = use_triton
 
     def forward(
@@ -729,7 +521,7 @@ class SelectionHead(nn.Module):
         source_mask: torch.Tensor,
     ) -> torch.Tensor:
         """A (B, Ts+1, Tb) float32; see `selection_head_naive` for the arguments."""
-        return selection_head(
+        return fused_selection_head(
             base_keys,
             source_keys,
             self_keys,

@@ -96,7 +96,7 @@ MUTATIONS = (
     ),
     Mutation(
         "the selection head's query not rotated (PyTorch path)",
-        "kernels/selection_head.py",
+        "kernels/selection_head_reference.py",
         "relative = base_positions - query_positions[:, None]",
         "relative = base_positions",
         ("tests/kernels/test_selection_head.py", MODEL_VS_ORACLE),

@@ -12,14 +12,10 @@ import math
 import pytest
 import torch
 
+from hyperdas.kernels import common
 from hyperdas.kernels import selection_head as sh
-from hyperdas.kernels.selection_head import (
-    SelectionHead,
-    rope_rotate,
-    selection_head,
-    selection_head_naive,
-    selection_head_torch,
-)
+from hyperdas.kernels.selection_head import FusedSelectionHead, fused_selection_head
+from hyperdas.kernels.selection_head_reference import rope_rotate, selection_head_naive, selection_head_torch
 
 # (B, Ts, Tb, H, hd): Tb != Ts, odd head counts, hd/2 not a multiple of the pair tile, the embedded default's
 # 9 x 64 heads, and more source rows / base columns than one tile holds once the tiles are lowered to 16.
@@ -72,7 +68,7 @@ def poisoned(monkeypatch):
     def nan_alloc(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(sh, "_alloc", nan_alloc)
+    monkeypatch.setattr(common, "empty_buffer", nan_alloc)
 
 
 @pytest.fixture
@@ -83,7 +79,7 @@ def small_tiles(monkeypatch):
 
 
 def triton_head(*args):
-    return selection_head(*args, use_triton=True)
+    return fused_selection_head(*args, use_triton=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,9 +324,9 @@ def test_masked_entries_get_no_gradient_path(path, poisoned):
 def test_dispatch_and_module_on_cpu():
     args = [t.detach() for t in make_inputs(2, 5, 7, 3, 8, dtype=torch.float32, seed=10)]
     expected = selection_head_torch(*args)
-    torch.testing.assert_close(selection_head(*args), expected, rtol=0, atol=0)
-    torch.testing.assert_close(SelectionHead()(*args), expected, rtol=0, atol=0)
-    torch.testing.assert_close(SelectionHead(use_triton=True)(*args), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fused_selection_head(*args), expected, rtol=0, atol=0)
+    torch.testing.assert_close(FusedSelectionHead()(*args), expected, rtol=0, atol=0)
+    torch.testing.assert_close(FusedSelectionHead(use_triton=True)(*args), expected, rtol=0, atol=1e-6)
 
 
 def test_clear_errors():
@@ -346,20 +342,20 @@ def test_clear_errors():
     bad = list(args)
     bad[6] = args[6][:3]
     with pytest.raises(ValueError, match="inv_freq"):
-        selection_head(*bad)
+        fused_selection_head(*bad)
     bad = list(args)
     bad[7] = args[7].long()
     with pytest.raises(ValueError, match="base_mask must be a bool"):
-        selection_head(*bad)
+        fused_selection_head(*bad)
     bad = list(args)
     bad[5] = args[5][:1]
     with pytest.raises(ValueError, match="query_positions"):
-        selection_head(*bad)
+        fused_selection_head(*bad)
     bad[5] = args[5].float()
     with pytest.raises(ValueError, match="query_positions must be an integer"):
-        selection_head(*bad)
+        fused_selection_head(*bad)
     with pytest.raises(ValueError, match="float64"):
-        selection_head(*[t.double() if i < 4 else t for i, t in enumerate(args)], use_triton=True)
+        fused_selection_head(*[t.double() if i < 4 else t for i, t in enumerate(args)], use_triton=True)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
@@ -367,7 +363,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = [t.detach() for t in make_inputs(2, 5, 7, 3, 8, dtype=torch.float32, seed=11)]
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        selection_head(*args, use_triton=True)
+        fused_selection_head(*args, use_triton=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,7 +380,7 @@ def test_cuda_llama3_8b_matches_torch(dtype, poisoned):
     """Fused op against the float64 PyTorch form (itself checked against the oracle above)."""
     args = make_inputs(*LLAMA3_8B, dtype=dtype, seed=12, device="cuda")
     weight = torch.randn(16, 65, 64, dtype=torch.float64, device="cuda")
-    scores, grads = value_and_grads(selection_head, args, weight)
+    scores, grads = value_and_grads(fused_selection_head, args, weight)
     expected, expected_grads = value_and_grads(selection_head_torch, as_reference(args), weight)
     assert_close_scaled(scores, expected, 1e-4, "A")
     torch.testing.assert_close(scores.sum(dim=1), torch.ones(16, 64, device="cuda"), rtol=0, atol=1e-5)
@@ -400,7 +396,7 @@ def test_cuda_llama3_8b_memory():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
-    scores = selection_head(*args)
+    scores = fused_selection_head(*args)
     scores.sum().backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - start
