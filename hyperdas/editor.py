@@ -80,7 +80,7 @@ class CrossAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
 
     def forward(
-        self, x: torch.Tensor, q_positions: torch.Tensor, run: RunKeys, inv_freq: torch.Tensor, backend: str | None
+        self, x: torch.Tensor, q_positions: torch.Tensor, run: RunKeys, inv_freq: torch.Tensor, use_triton: bool | None
     ) -> torch.Tensor:
         """x: (B, Te, D) normed instruction states -> (B, Te, D)."""
         b, te, _ = x.shape
@@ -95,7 +95,7 @@ class CrossAttention(nn.Module):
         k = self.k_proj(keys_in).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         v = self.v_proj(keys_in).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out = normalized_cross_attention(
-            q, k, v, inv_norm, q_positions, run.positions, inv_freq, run.mask, backend=backend
+            q, k, v, inv_norm, q_positions, run.positions, inv_freq, run.mask, use_triton=use_triton
         )  # (B, Hq, Te, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, te, self.num_heads * self.head_dim))
 
@@ -138,7 +138,7 @@ class EditorLayer(nn.Module):
         self.mlp = own(decoder_layer.mlp)
 
     def forward(
-        self, x, self_bias, position_embeddings, q_positions, source: RunKeys, base: RunKeys, inv_freq, backend
+        self, x, self_bias, position_embeddings, q_positions, source: RunKeys, base: RunKeys, inv_freq, use_triton
     ):
         """x: (B, Te, D) -> (B, Te, D)."""
         attn = self.self_attn(
@@ -146,12 +146,12 @@ class EditorLayer(nn.Module):
         )
         x = x + (attn[0] if isinstance(attn, tuple) else attn)
         if self.source_attn is not None:
-            x = x + self.source_attn(self.source_norm(x), q_positions, source, inv_freq, backend)
+            x = x + self.source_attn(self.source_norm(x), q_positions, source, inv_freq, use_triton)
         base_norm, base_attn = (
             (self.source_norm, self.source_attn) if self.symmetric else (self.base_norm, self.base_attn)
         )
         if base_attn is not None:
-            x = x + base_attn(base_norm(x), q_positions, base, inv_freq, backend)
+            x = x + base_attn(base_norm(x), q_positions, base, inv_freq, use_triton)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -196,7 +196,7 @@ class Editor(nn.Module):
         self.rotary_emb = copy.deepcopy(target.rotary_emb)
         self.embed_tokens = copy.deepcopy(target.embed_tokens) if trainable_embeddings else None
         self.gradient_checkpointing = False
-        self.backend: str | None = None  # cross-attention backend; None = pick by device
+        self.use_triton: bool | None = None  # the cross-attention's path; None = Triton on CUDA
         self.requires_grad_(True)
 
     @property
@@ -217,7 +217,7 @@ class Editor(nn.Module):
         position_embeddings = self.rotary_emb(x, q_positions)
         inv_freq = self.inv_freq.float()
         for layer in self.layers:
-            args = (x, self_bias, position_embeddings, q_positions, source, base, inv_freq, self.backend)
+            args = (x, self_bias, position_embeddings, q_positions, source, base, inv_freq, self.use_triton)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, *args, use_reentrant=False)
             else:

@@ -1,4 +1,4 @@
-"""Fused normalised cross-attention of the HyperDAS editor (METHOD.md, section 2).
+"""Fused normalised cross-attention of the HyperDAS editor (METHOD.md, section 2): kernels, launchers, autograd.
 
 The editor's Te instruction tokens attend over every hidden state of every token of a frozen target run,
 flattened to S = T·N keys, each state x_s L2-normalised. The key and value projections are linear without
@@ -11,247 +11,28 @@ scale and no normalised copy of the (B, S, D) states is ever made. With RoPE rot
     a_ts  = scale · (R_{pq_t} q_t) · y_s        (−inf where key s is masked)
     out_t = Σ_s softmax_s(a_t)_s · z_s          (a row with no unmasked key gives 0)
 
-Four implementations of the same contract, `normalized_cross_attention(q, k, v, key_inv_norm, q_positions,
-k_positions, inv_freq, key_mask, scale)`:
-
-- `cross_attention_reference`: plain PyTorch, the oracle.
-- `cross_attention_sdpa`: torch scaled_dot_product_attention (CPU, and the GPU fallback); flash-attn's
-  varlen kernel when it is importable and the tensors are CUDA fp16/bf16.
-- `CrossAttentionFunction`: Triton flash-style forward (online softmax; RoPE and r_s applied to key and value
-  tiles on the fly; only the log-sum-exp saved) and a fused Triton backward (FlashAttention-2 style, the
-  probabilities recomputed from the log-sum-exp) giving gradients to q, k, v and key_inv_norm.
-- `normalized_cross_attention`: the dispatcher (Triton on CUDA, SDPA elsewhere).
+The PyTorch paths (the oracle `cross_attention_reference`; `cross_attention_sdpa`: torch SDPA or flash-attn)
+are in cross_attention_reference.py. Here: `CrossAttentionFunction`, a Triton flash-style forward (online
+softmax; RoPE and r_s applied to key and value tiles on the fly; only the log-sum-exp saved) and a fused Triton
+backward (FlashAttention-2 style, the probabilities recomputed from the log-sum-exp) giving gradients to q, k,
+v and key_inv_norm; the dispatcher `normalized_cross_attention` (Triton on CUDA, SDPA elsewhere) and its module.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import nn
 
-try:
-    from flash_attn import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
+from hyperdas.kernels import common
+from hyperdas.kernels.common import check_switch, choose_triton, dot_precision, interpreter_active, require_triton
+from hyperdas.kernels.cross_attention_reference import check_inputs, cross_attention_sdpa
 
-BACKENDS = ("triton", "sdpa", "flash", "reference")
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _NOMINAL_BLOCK_N = 64  # key-block size used to decide how to split the keys over programs
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checks and the pieces shared by the PyTorch paths
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _check_inputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_inv_norm: torch.Tensor,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    key_mask: torch.Tensor,
-) -> None:
-    """Raise a ValueError naming the first argument that does not fit the contract."""
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q must be (B, Hq, Te, hd) and k (B, Hkv, S, hd); got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    b, hq, te, hd = q.shape
-    _, hkv, s, _ = k.shape
-    if k.shape[0] != b or k.shape[3] != hd:
-        raise ValueError(f"k {tuple(k.shape)} must be (B={b}, Hkv, S, hd={hd}) to match q {tuple(q.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"the number of query heads Hq={hq} must be a multiple of the key/value heads Hkv={hkv}")
-    if hd % 2 != 0:
-        raise ValueError(f"head_dim must be even for RoPE; got hd={hd}")
-    if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    expected = {
-        "key_inv_norm": (key_inv_norm, (b, s)),
-        "q_positions": (q_positions, (b, te)),
-        "k_positions": (k_positions, (b, s)),
-        "inv_freq": (inv_freq, (hd // 2,)),
-        "key_mask": (key_mask, (b, s)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}; got {tuple(tensor.shape)}")
-        if tensor.device != q.device:
-            raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}")
-    if key_mask.dtype != torch.bool:
-        raise ValueError(f"key_mask must be a bool tensor (True = may be attended); got {key_mask.dtype}")
-    if q_positions.is_floating_point() or k_positions.is_floating_point():
-        raise ValueError(f"positions must be integer tensors; got {q_positions.dtype}, {k_positions.dtype}")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """rotate_half(x) = cat(-x2, x1) with x = cat(x1, x2) split on the last axis."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """RoPE in the Hugging Face Llama convention, computed in x's dtype from fp32 (or fp64) angles.
-
-    Args:
-        x: (B, H, L, hd).
-        positions: (B, L) integer positions.
-        inv_freq: (hd/2,).
-
-    Returns:
-        x·cos(emb) + rotate_half(x)·sin(emb) with emb = cat(p·inv_freq, p·inv_freq), shape (B, H, L, hd).
-    """
-    angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    freqs = positions.to(angle_dtype)[..., None] * inv_freq.to(angle_dtype)  # (B, L, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, hd)
-    return x * emb.cos().to(x.dtype) + _rotate_half(x) * emb.sin().to(x.dtype)
-
-
-def normalise_and_rotate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_inv_norm: torch.Tensor,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The unfused prologue: z = r·v, y = RoPE(r·k), RoPE(q). Shapes as the inputs."""
-    r = key_inv_norm.to(k.dtype)[:, None, :, None]  # (B, 1, S, 1)
-    return (
-        _apply_rope(q, q_positions, inv_freq),
-        _apply_rope(k * r, k_positions, inv_freq),
-        v * r,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The oracle
-# ----------------------------------------------------------------------------------------------------------
-
-
-def cross_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_inv_norm: torch.Tensor,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    key_mask: torch.Tensor,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Normalised GQA cross-attention in plain PyTorch (fp32, or fp64 for fp64 inputs); the oracle.
-
-    out_t = Σ_s softmax_s(scale · RoPE(q_t) · RoPE(r_s k_s), masked) · r_s v_s; rows without any unmasked key
-    give 0. Arguments as `normalized_cross_attention`.
-
-    Returns:
-        (B, Hq, Te, hd) in q's dtype.
-    """
-    _check_inputs(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask)
-    hd = q.shape[-1]
-    scale = 1.0 / math.sqrt(hd) if scale is None else scale
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_c, k_c, v_c = (t.to(compute) for t in (q, k, v))
-    key_inv_norm = key_inv_norm.to(compute)
-    # 1. normalise: scale each key and value by 1 / ||x_s||
-    k_c = k_c * key_inv_norm[:, None, :, None]  # (B, Hkv, S, hd)
-    v_c = v_c * key_inv_norm[:, None, :, None]
-    # 2. RoPE: queries at their instruction positions, keys at their flattened (token x layer) index
-    q_c = _apply_rope(q_c, q_positions, inv_freq)
-    k_c = _apply_rope(k_c, k_positions, inv_freq)
-    # 3. GQA: query head h reads key/value head h // (Hq / Hkv)
-    group = q.shape[1] // k.shape[1]
-    k_c = k_c.repeat_interleave(group, dim=1)  # (B, Hq, S, hd)
-    v_c = v_c.repeat_interleave(group, dim=1)
-    # 4. masked softmax over keys; a row with no visible key attends to nothing and gives 0
-    scores = scale * q_c @ k_c.transpose(-1, -2)  # (B, Hq, Te, S)
-    row_has_key = key_mask.any(dim=-1)  # (B,)
-    visible = (key_mask | ~row_has_key[:, None])[:, None, None, :]  # (B, 1, 1, S)
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    out = (probs @ v_c) * row_has_key[:, None, None, None].to(compute)  # (B, Hq, Te, hd)
-    return out.to(q.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# SDPA and flash-attn
-# ----------------------------------------------------------------------------------------------------------
-
-
-def flash_attn_available(q: torch.Tensor) -> bool:
-    """Whether flash-attn's varlen kernel can take q: flash-attn importable, q on CUDA in fp16 or bf16."""
-    return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-
-
-def _flash_attn_packed(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """flash-attn's varlen kernel on the unmasked keys of each row, packed (q, k, v already normalised/rotated).
-
-    flash-attn takes no arbitrary key mask, so the visible keys of every batch row are gathered into one
-    (total_keys, Hkv, hd) tensor with cumulative lengths; a row without visible keys gets 0.
-    NOT TESTED in this repository (flash-attn is not installed on the development machine).
-    """
-    b, hq, te, hd = q.shape
-    flat_index = key_mask.reshape(-1).nonzero().squeeze(-1)  # (total_keys,)
-    lengths = key_mask.sum(dim=-1, dtype=torch.int32)  # (B,)
-    cu_k = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    cu_q = torch.arange(0, (b + 1) * te, te, dtype=torch.int32, device=q.device)
-    k_packed = k.transpose(1, 2).reshape(-1, k.shape[1], hd).index_select(0, flat_index)  # (total, Hkv, hd)
-    v_packed = v.transpose(1, 2).reshape(-1, v.shape[1], hd).index_select(0, flat_index)
-    q_packed = q.transpose(1, 2).reshape(b * te, hq, hd)  # (B·Te, Hq, hd)
-    out = flash_attn_varlen_func(
-        q_packed, k_packed, v_packed, cu_q, cu_k, te, max(int(lengths.max()), 1), softmax_scale=scale, causal=False
-    )
-    out = out.reshape(b, te, hq, hd).transpose(1, 2)
-    return torch.where((lengths > 0)[:, None, None, None], out, torch.zeros_like(out))
-
-
-def cross_attention_sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_inv_norm: torch.Tensor,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    key_mask: torch.Tensor,
-    scale: float | None = None,
-    use_flash_attn: bool = True,
-) -> torch.Tensor:
-    """The op through torch's scaled_dot_product_attention (or flash-attn's varlen kernel when available).
-
-    Normalisation and RoPE are done first in PyTorch (z = r·v, y = RoPE(r·k), RoPE(q)), then one attention
-    call with a boolean key mask and native GQA. A row without visible keys is given an all-visible mask
-    (so no NaN appears) and its output is zeroed, which also zeroes its gradients.
-
-    Args:
-        use_flash_attn: take flash-attn's varlen path when it is importable and q is CUDA fp16/bf16.
-        Other arguments as `normalized_cross_attention`.
-
-    Returns:
-        (B, Hq, Te, hd) in q's dtype.
-    """
-    _check_inputs(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    q_r, k_r, v_s = normalise_and_rotate(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq)
-    if use_flash_attn and flash_attn_available(q):
-        return _flash_attn_packed(q_r, k_r, v_s, key_mask, scale)
-    row_has_key = key_mask.any(dim=-1)  # (B,)
-    visible = (key_mask | ~row_has_key[:, None])[:, None, None, :]  # (B, 1, 1, S)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q_r, k_r, v_s, attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
-    return out * row_has_key[:, None, None, None].to(out.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,7 +44,7 @@ def _configs(kind: str) -> list[triton.Config]:
     """Autotuning candidates (BLOCK_N keys per tile, warps, pipeline stages); one fixed config when Triton runs
     in its CPU interpreter, where timing means nothing. The first of each list compiles without register
     spills for hd = 128 on sm_90 (checked offline with ptxas); the others are there for other head sizes."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreter_active():
         return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)]
     if kind == "fwd":
         candidates = [(64, 8, 2), (64, 8, 3), (32, 4, 3), (64, 4, 2), (128, 8, 2)]
@@ -273,12 +54,9 @@ def _configs(kind: str) -> list[triton.Config]:
 
 
 @triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation; IEEE (fp32 inputs) asks for full fp32 products instead of TF32."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+def _mm(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation at tl.dot input precision PREC (`dot_precision` of the inputs' dtype)."""
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -353,7 +131,7 @@ def _load_key_block(
     return kr1.to(dtype), kr2.to(dtype), v1, v2, pos, keep, inv, ok
 
 
-@triton.autotune(configs=_configs("fwd"), key=["HALF", "GROUP", "SPLIT", "IEEE"])
+@triton.autotune(configs=_configs("fwd"), key=["HALF", "GROUP", "SPLIT", "PREC"])
 @triton.jit
 def _cross_attn_fwd_kernel(
     Q, K, V, INV, QPOS, KPOS, FREQ, MASK, OUT, LSE,
@@ -364,7 +142,7 @@ def _cross_attn_fwd_kernel(
     stride_ib, stride_is, stride_qpb, stride_qpt, stride_kpb, stride_kps, stride_mb, stride_ms,
     Hkv, Te, S, HALF, qk_scale, RUNS, split_stride_o, split_stride_lse,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Forward: one program per (split of the keys (RUNS splits), block of BLOCK_M query rows, batch row b,
     key/value head).
@@ -412,15 +190,15 @@ def _cross_attn_fwd_kernel(
             stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
             stride_ib, stride_is, stride_kpb, stride_kps, stride_mb, stride_ms, S, HALF,
         )  # fmt: skip
-        scores = _mm(qr1, tl.trans(kr1), IEEE) + _mm(qr2, tl.trans(kr2), IEEE)  # (BLOCK_M, BLOCK_N)
+        scores = _mm(qr1, tl.trans(kr1), PREC) + _mm(qr2, tl.trans(kr2), PREC)  # (BLOCK_M, BLOCK_N)
         scores = tl.where(keep[None, :], scores * (qk_scale * inv)[None, :], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         pv = (p * inv[None, :]).to(dtype)  # folds r_s into the values
-        acc1 = acc1 * alpha[:, None] + _mm(pv, v1, IEEE)
-        acc2 = acc2 * alpha[:, None] + _mm(pv, v2, IEEE)
+        acc1 = acc1 * alpha[:, None] + _mm(pv, v1, PREC)
+        acc2 = acc2 * alpha[:, None] + _mm(pv, v2, PREC)
         m_i = m_new
 
     has_key = l_i > 0.0
@@ -471,26 +249,26 @@ def _combine_splits_kernel(
 
 
 @triton.jit
-def _tile_grads(kr1, kr2, v1, v2, inv, col_scale, keep, qr1, qr2, do1, do2, lse, delta, row_ok, IEEE: tl.constexpr):
+def _tile_grads(kr1, kr2, v1, v2, inv, col_scale, keep, qr1, qr2, do1, do2, lse, delta, row_ok, PREC: tl.constexpr):
     """The gradient contributions of one (key block, query block) tile; see `_cross_attn_bwd_kernel`.
 
     Returns g_z (BLOCK_N, BLOCK_H) x2, g_y / scale (BLOCK_N, BLOCK_H) x2 and d(R q) / scale (BLOCK_M, BLOCK_H) x2.
     """
     dtype = kr1.dtype
-    scores_t = _mm(kr1, tl.trans(qr1), IEEE) + _mm(kr2, tl.trans(qr2), IEEE)  # (BLOCK_N, BLOCK_M)
+    scores_t = _mm(kr1, tl.trans(qr1), PREC) + _mm(kr2, tl.trans(qr2), PREC)  # (BLOCK_N, BLOCK_M)
     p_t = tl.exp2(scores_t * col_scale[:, None] - lse[None, :])
     p_t = tl.where(keep[:, None] & row_ok[None, :], p_t, 0.0)
-    g_z1 = _mm(p_t.to(dtype), do1, IEEE)
-    g_z2 = _mm(p_t.to(dtype), do2, IEEE)
-    dp_t = (_mm(v1, tl.trans(do1), IEEE) + _mm(v2, tl.trans(do2), IEEE)) * inv[:, None]
+    g_z1 = _mm(p_t.to(dtype), do1, PREC)
+    g_z2 = _mm(p_t.to(dtype), do2, PREC)
+    dp_t = (_mm(v1, tl.trans(do1), PREC) + _mm(v2, tl.trans(do2), PREC)) * inv[:, None]
     ds_t = p_t * (dp_t - delta[None, :])
-    g_y1 = _mm(ds_t.to(dtype), qr1, IEEE)
-    g_y2 = _mm(ds_t.to(dtype), qr2, IEEE)
+    g_y1 = _mm(ds_t.to(dtype), qr1, PREC)
+    g_y2 = _mm(ds_t.to(dtype), qr2, PREC)
     ds_q = tl.trans((ds_t * inv[:, None]).to(dtype))  # (BLOCK_M, BLOCK_N), folds r_s into the keys
-    return g_z1, g_z2, g_y1, g_y2, _mm(ds_q, kr1, IEEE), _mm(ds_q, kr2, IEEE)
+    return g_z1, g_z2, g_y1, g_y2, _mm(ds_q, kr1, PREC), _mm(ds_q, kr2, PREC)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["HALF", "GROUP", "SINGLE_Q", "IEEE"], reset_to_zero=["DQ"])
+@triton.autotune(configs=_configs("bwd"), key=["HALF", "GROUP", "SINGLE_Q", "PREC"], reset_to_zero=["DQ"])
 @triton.jit
 def _cross_attn_bwd_kernel(
     Q, K, V, INV, QPOS, KPOS, FREQ, MASK, DO, LSE, DELTA, DQ, DK, DV, DINV,
@@ -501,7 +279,7 @@ def _cross_attn_bwd_kernel(
     stride_ib, stride_is, stride_qpb, stride_qpt, stride_kpb, stride_kps, stride_mb, stride_ms,
     Hkv, Te, S, HALF, sm_scale, qk_scale, RUNS,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    SINGLE_Q: tl.constexpr, IEEE: tl.constexpr,
+    SINGLE_Q: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Backward: one program per (run of consecutive key blocks (RUNS runs), batch row b, key/value head).
 
@@ -552,7 +330,7 @@ def _cross_attn_bwd_kernel(
         col_scale = qk_scale * inv
         if SINGLE_Q:
             g_z1, g_z2, g_y1, g_y2, dqr1, dqr2 = _tile_grads(
-                kr1, kr2, v1, v2, inv, col_scale, keep, qr1, qr2, do1, do2, lse, delta, row_ok, IEEE
+                kr1, kr2, v1, v2, inv, col_scale, keep, qr1, qr2, do1, do2, lse, delta, row_ok, PREC
             )
             dq1 += dqr1
             dq2 += dqr2
@@ -571,7 +349,7 @@ def _cross_attn_bwd_kernel(
                 lse_t = tl.load(LSE + pid_bh * GROUP * Te + offs_m, mask=row_ok_t, other=float("inf"))
                 delta_t = tl.load(DELTA + pid_bh * GROUP * Te + offs_m, mask=row_ok_t, other=0.0)
                 gz1, gz2, gy1, gy2, dqr1, dqr2 = _tile_grads(
-                    kr1, kr2, v1, v2, inv, col_scale, keep, qr1_t, qr2_t, do1_t, do2_t, lse_t, delta_t, row_ok_t, IEEE
+                    kr1, kr2, v1, v2, inv, col_scale, keep, qr1_t, qr2_t, do1_t, do2_t, lse_t, delta_t, row_ok_t, PREC
                 )
                 g_z1 += gz1
                 g_z2 += gz2
@@ -606,7 +384,7 @@ def _cross_attn_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Launchers and the autograd.Function
+# Launchers: allocate the outputs, pick the grid, launch one kernel each
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -632,26 +410,16 @@ def _key_runs(s: int, programs: int, device: torch.device, minimum: int) -> int:
     return triton.cdiv(n_blocks, min(per_run, n_blocks))
 
 
-def _index_strides(
-    key_inv_norm: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor, key_mask: torch.Tensor
-) -> tuple[int, ...]:
-    return (*key_inv_norm.stride(), *q_positions.stride(), *k_positions.stride(), *key_mask.stride())
+def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """Every stride of every tensor, in order: what the kernels take after their pointers."""
+    return tuple(stride for t in tensors for stride in t.stride())
 
 
-def _triton_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_inv_norm: torch.Tensor,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    key_mask: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel (split over the keys when the grid would not fill the device, then merge).
+def _launch_forward(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale: float):
+    """The forward kernel, its keys split into runs when the grid would not fill the device.
 
-    Returns out (B, Hq, Te, hd) and the base-2 LSE (B, Hq, Te) fp32.
+    Returns out (B, Hq, Te, hd) and the base-2 LSE (B, Hq, Te) fp32; with several runs, their fp32 partials
+    (runs, B, Hq, Te, hd) and (runs, B, Hq, Te) for `_launch_combine_splits`.
     """
     b, hq, te, hd = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -659,62 +427,57 @@ def _triton_forward(
     block_m, block_h = _block_sizes(group * te, hd)
     m_blocks = triton.cdiv(group * te, block_m)
     n_splits = _key_runs(s, m_blocks * b * hkv, q.device, minimum=4)
-    out = torch.empty((b, hq, te, hd), device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, hq, te), device=q.device, dtype=torch.float32)
-    if n_splits > 1:
-        o_target = torch.empty((n_splits, b, hq, te, hd), device=q.device, dtype=torch.float32)
-        lse_target = torch.empty((n_splits, b, hq, te), device=q.device, dtype=torch.float32)
-    else:
-        o_target, lse_target = out, lse
+    split = (n_splits,) if n_splits > 1 else ()
+    out = common.empty_buffer((*split, b, hq, te, hd), torch.float32 if split else q.dtype, q.device)
+    lse = common.empty_buffer((*split, b, hq, te), torch.float32, q.device)
     _cross_attn_fwd_kernel[(n_splits, m_blocks, b * hkv)](
-        q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, o_target, lse_target,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *_index_strides(key_inv_norm, q_positions, k_positions, key_mask),
+        q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride()[-4:],
+        *_strides(key_inv_norm, q_positions, k_positions, key_mask),
         hkv, te, s, hd // 2, scale * _LOG2E, n_splits, b * hq * te * hd, b * hq * te,
-        GROUP=group, BLOCK_M=block_m, BLOCK_H=block_h, SPLIT=n_splits > 1, IEEE=q.dtype == torch.float32,
+        GROUP=group, BLOCK_M=block_m, BLOCK_H=block_h, SPLIT=n_splits > 1, PREC=dot_precision(q.dtype),
     )  # fmt: skip
-    if n_splits > 1:
-        _combine_splits_kernel[(b * hq * te,)](
-            o_target, lse_target, out, lse, b * hq * te, n_splits, hd,
-            BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=triton.next_power_of_2(hd), num_warps=2,
-        )  # fmt: skip
     return out, lse
 
 
-def _triton_backward(
-    grad_out: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_inv_norm: torch.Tensor,
-    q_positions: torch.Tensor,
-    k_positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    key_mask: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel. Returns dq, dk, dv (inputs' dtype) and d key_inv_norm (B, S) fp32."""
+def _launch_combine_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor, dtype: torch.dtype):
+    """Merge the runs' partial results: out (B, Hq, Te, hd) in ``dtype`` and the LSE (B, Hq, Te) fp32."""
+    n_splits, b, hq, te, hd = o_parts.shape
+    out = common.empty_buffer((b, hq, te, hd), dtype, o_parts.device)
+    lse = common.empty_buffer((b, hq, te), torch.float32, o_parts.device)
+    _combine_splits_kernel[(b * hq * te,)](
+        o_parts, lse_parts, out, lse, b * hq * te, n_splits, hd,
+        BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=triton.next_power_of_2(hd), num_warps=2,
+    )  # fmt: skip
+    return out, lse
+
+
+def _launch_backward(grad_out, out, lse, q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale):
+    """The backward kernel. Returns dq, dk, dv (inputs' dtype) and d key_inv_norm (B, S) fp32."""
     b, hq, te, hd = q.shape
     hkv, s = k.shape[1], k.shape[2]
     group = hq // hkv
     delta = (grad_out.float() * out.float()).sum(dim=-1).contiguous()  # (B, Hq, Te): Δ_m = dO_m · O_m
-    dq = torch.zeros((b, hq, te, hd), device=q.device, dtype=torch.float32)
-    dk = torch.empty((b, hkv, s, hd), device=q.device, dtype=k.dtype)
-    dv = torch.empty((b, hkv, s, hd), device=q.device, dtype=v.dtype)
-    d_inv = torch.empty((b, hkv, s), device=q.device, dtype=torch.float32)
+    dq = torch.zeros((b, hq, te, hd), device=q.device, dtype=torch.float32)  # the kernel adds into it
+    dk = common.empty_buffer((b, hkv, s, hd), k.dtype, q.device)
+    dv = common.empty_buffer((b, hkv, s, hd), v.dtype, q.device)
+    d_inv = common.empty_buffer((b, hkv, s), torch.float32, q.device)
     block_m, block_h = _block_sizes(group * te, hd)
     runs = _key_runs(s, b * hkv, q.device, minimum=1)
     _cross_attn_bwd_kernel[(runs, b * hkv)](
         q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, grad_out, lse, delta,
         dq, dk, dv, d_inv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
-        *_index_strides(key_inv_norm, q_positions, k_positions, key_mask),
+        *_strides(key_inv_norm, q_positions, k_positions, key_mask),
         hkv, te, s, hd // 2, scale, scale * _LOG2E, runs,
-        GROUP=group, BLOCK_M=block_m, BLOCK_H=block_h, SINGLE_Q=group * te <= block_m, IEEE=q.dtype == torch.float32,
+        GROUP=group, BLOCK_M=block_m, BLOCK_H=block_h, SINGLE_Q=group * te <= block_m, PREC=dot_precision(q.dtype),
     )  # fmt: skip
     return dq.to(q.dtype), dk, dv, d_inv.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd, functional form, module
+# ----------------------------------------------------------------------------------------------------------
 
 
 class CrossAttentionFunction(torch.autograd.Function):
@@ -725,21 +488,14 @@ class CrossAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_inv_norm: torch.Tensor,
-        q_positions: torch.Tensor,
-        k_positions: torch.Tensor,
-        inv_freq: torch.Tensor,
-        key_mask: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
+    def forward(ctx, q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale: float):
+        check_inputs(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask)
+        require_triton("cross-attention", q)
         inv_freq = inv_freq.float().contiguous()
         key_inv_norm_f = key_inv_norm.float()
-        out, lse = _triton_forward(q, k, v, key_inv_norm_f, q_positions, k_positions, inv_freq, key_mask, scale)
+        out, lse = _launch_forward(q, k, v, key_inv_norm_f, q_positions, k_positions, inv_freq, key_mask, scale)
+        if out.dim() == 5:  # the keys ran in several splits
+            out, lse = _launch_combine_splits(out, lse, q.dtype)
         ctx.save_for_backward(q, k, v, key_inv_norm_f, q_positions, k_positions, inv_freq, key_mask, out, lse)
         ctx.scale = scale
         ctx.inv_norm_dtype = key_inv_norm.dtype
@@ -748,7 +504,7 @@ class CrossAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv, d_inv = _triton_backward(
+        dq, dk, dv, d_inv = _launch_backward(
             grad_out, out, lse, q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, ctx.scale
         )
         return dq, dk, dv, d_inv.to(ctx.inv_norm_dtype), None, None, None, None, None
@@ -766,11 +522,6 @@ def cross_attention_triton(
     scale: float | None = None,
 ) -> torch.Tensor:
     """The fused Triton op (CUDA, or the CPU under TRITON_INTERPRET=1). Arguments as `normalized_cross_attention`."""
-    _check_inputs(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask)
-    if q.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"the Triton cross-attention supports {_TRITON_DTYPES}; got {q.dtype}")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the Triton cross-attention needs CUDA tensors (or TRITON_INTERPRET=1); got {q.device}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return CrossAttentionFunction.apply(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale)
 
@@ -785,7 +536,8 @@ def normalized_cross_attention(
     inv_freq: torch.Tensor,
     key_mask: torch.Tensor,
     scale: float | None = None,
-    backend: str | None = None,
+    *,
+    use_triton: bool | None = None,
 ) -> torch.Tensor:
     """softmax_s(scale · RoPE(q)·RoPE(r_s k_s), masked) @ (r_s v_s) with r_s = key_inv_norm; the editor's op.
 
@@ -799,26 +551,17 @@ def normalized_cross_attention(
         inv_freq: (hd/2,) RoPE inverse frequencies (Hugging Face Llama "rotate_half" convention).
         key_mask: (B, S) bool, True = may be attended; a row with no True gives zeros (and zero gradients).
         scale: softmax scale, 1/sqrt(hd) by default.
-        backend: "triton", "sdpa", "flash" or "reference"; None picks Triton on CUDA and SDPA elsewhere.
+        use_triton: True forces the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), False torch's SDPA
+            (`cross_attention_sdpa` without flash-attn); None picks Triton for CUDA tensors of a supported dtype.
 
     Returns:
         (B, Hq, Te, hd) in q's dtype.
     """
-    if backend is None:
-        backend = "triton" if q.is_cuda and q.dtype in _TRITON_DTYPES else "sdpa"
-    if backend == "triton":
+    if choose_triton(use_triton, q):
         return cross_attention_triton(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale)
-    if backend == "sdpa":
-        return cross_attention_sdpa(
-            q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale, use_flash_attn=False
-        )
-    if backend == "flash":
-        if not flash_attn_available(q):
-            raise ValueError("backend 'flash' needs flash-attn installed and CUDA fp16/bf16 tensors")
-        return cross_attention_sdpa(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale)
-    if backend == "reference":
-        return cross_attention_reference(q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale)
-    raise ValueError(f"unknown cross-attention backend {backend!r}; allowed: {BACKENDS} or None")
+    return cross_attention_sdpa(
+        q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, scale, use_flash_attn=False
+    )
 
 
 class NormalizedCrossAttention(nn.Module):
@@ -826,15 +569,14 @@ class NormalizedCrossAttention(nn.Module):
 
     Args:
         scale: softmax scale, 1/sqrt(hd) by default.
-        backend: forced backend ("triton", "sdpa", "flash", "reference") or None for the automatic choice.
+        use_triton: as in `normalized_cross_attention`: None = Triton on CUDA, SDPA elsewhere.
     """
 
-    def __init__(self, scale: float | None = None, backend: str | None = None) -> None:
+    def __init__(self, scale: float | None = None, use_triton: bool | None = None) -> None:
         super().__init__()
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"unknown cross-attention backend {backend!r}; allowed: {BACKENDS} or None")
+        check_switch(use_triton)
         self.scale = scale
-        self.backend = backend
+        self.use_triton = use_triton
 
     def forward(
         self,
@@ -849,8 +591,8 @@ class NormalizedCrossAttention(nn.Module):
     ) -> torch.Tensor:
         """(B, Hq, Te, hd) attention output; arguments as `normalized_cross_attention`."""
         return normalized_cross_attention(
-            q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, self.scale, self.backend
+            q, k, v, key_inv_norm, q_positions, k_positions, inv_freq, key_mask, self.scale, use_triton=self.use_triton
         )
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, backend={self.backend}"
+        return f"scale={self.scale}, use_triton={self.use_triton}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hyperdas.editor import RunKeys
-from hyperdas.kernels.cross_attention import cross_attention_reference
+from hyperdas.kernels.cross_attention_reference import cross_attention_reference
 from hyperdas.targets import position_ids_from_mask
 
 

@@ -16,11 +16,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from hyperdas.kernels.cross_attention import (
     NormalizedCrossAttention,
-    cross_attention_reference,
-    cross_attention_sdpa,
     cross_attention_triton,
     normalized_cross_attention,
 )
+from hyperdas.kernels.cross_attention_reference import cross_attention_reference, cross_attention_sdpa
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # where the Triton tests run: the GPU, else the CPU through the interpreter
@@ -299,8 +298,8 @@ def test_custom_scale_and_module():
     shape = SMALL_SHAPES[0]
     inputs = make_inputs(shape, seed=9, device=DEVICE)
     expected = cross_attention_reference(**inputs, scale=0.7)
-    for backend in ("triton", "sdpa", "reference"):
-        module = NormalizedCrossAttention(scale=0.7, backend=backend)
+    for use_triton in (True, False, None):
+        module = NormalizedCrossAttention(scale=0.7, use_triton=use_triton)
         fp32 = {n: t.float() if n in DIFFERENTIABLE else t for n, t in inputs.items()}
         torch.testing.assert_close(module(**fp32).double(), expected, rtol=1e-4, atol=1e-5)
 
@@ -309,10 +308,10 @@ def test_dispatch_and_errors():
     shape = SMALL_SHAPES[0]
     inputs = make_inputs(shape, seed=3)
     torch.testing.assert_close(normalized_cross_attention(**inputs), cross_attention_sdpa(**inputs))
-    with pytest.raises(ValueError, match="unknown cross-attention backend 'cuda'"):
-        normalized_cross_attention(**inputs, backend="cuda")
+    with pytest.raises(ValueError, match="use_triton must be True, False or None .*, got 'cuda'"):
+        normalized_cross_attention(**inputs, use_triton="cuda")
     with pytest.raises(ValueError, match="flash"):
-        normalized_cross_attention(**inputs, backend="flash")
+        cross_attention_sdpa(**inputs, use_flash_attn=True)
     with pytest.raises(ValueError, match="Hq=6 must be a multiple of the key/value heads Hkv=4"):
         bad = dict(inputs, k=inputs["k"].repeat(1, 2, 1, 1), v=inputs["v"].repeat(1, 2, 1, 1))
         normalized_cross_attention(**bad)
@@ -328,7 +327,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inputs = {n: t.float() if n in DIFFERENTIABLE else t for n, t in make_inputs(SMALL_SHAPES[0], seed=4).items()}
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        normalized_cross_attention(**inputs, backend="triton")
+        normalized_cross_attention(**inputs, use_triton=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -341,14 +340,14 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (the CPU twins run through the Triton interpreter)")
-@pytest.mark.parametrize("backend", ["triton", "sdpa"])
-def test_llama3_8b_shapes_bf16_cuda(backend: str, poisoned_buffers):
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "sdpa"])
+def test_llama3_8b_shapes_bf16_cuda(use_triton: bool, poisoned_buffers):
     shape = LLAMA3_8B
     inputs = make_inputs(shape, seed=21, device="cuda")
     grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device="cuda")
     expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
     out, grads = run_with_grads(
-        lambda **kw: normalized_cross_attention(**kw, backend=backend), inputs, torch.bfloat16, grad_out
+        lambda **kw: normalized_cross_attention(**kw, use_triton=use_triton), inputs, torch.bfloat16, grad_out
     )
     assert relative_error(out, expected) < 1e-2
     for name in DIFFERENTIABLE:
