@@ -63,8 +63,8 @@ class Precision(StrEnum):
 @dataclass
 class DataConfig:
     """Which counterfactual data to build: the run's view of hyperdas.data.build.DataRequest, whose target and
-    dtype are the model's and whose seed is the run's. Defaults are DataRequest's, so a run and `hyperdas data`
-    with the same values share one cached dataset."""
+    dtype are the model's and whose seed is the run's unless ``seed`` is set. Defaults are DataRequest's, so a
+    run and `hyperdas data` with the same values share one cached dataset."""
 
     domain: str = _DATA.domain
     #: attributes to localise (causal examples); [all] = every attribute of the domain with enough known prompts.
@@ -81,6 +81,8 @@ class DataConfig:
     entities_per_template: int = _DATA.entities_per_template
     #: prompts per checking forward pass.
     filter_batch_size: int = 64
+    #: seeds the pairing; None = the run's seed. Set it to vary the training seed on the same data.
+    seed: int | None = None
 
 
 @dataclass
@@ -98,21 +100,14 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """Per-example weights and the sparsity schedule (0 before warm-up, then start -> end linearly)."""
+    """Per-example weights and the sparsity ramp (0 before its warm-up, then start -> end linearly; the
+    schedule is train/schedule.py)."""
 
     causal_loss_weight: float = 3.5
     iso_loss_weight: float = 0.5
     sparsity_weight_start: float = 0.15
     sparsity_weight_end: float = 1.5
     sparsity_warmup_fraction: float = 0.5
-
-    def sparsity_weight(self, fraction: float) -> float:
-        """The sparsity weight at training progress ``fraction`` in [0, 1]."""
-        if fraction < self.sparsity_warmup_fraction:
-            return 0.0
-        span = max(1.0 - self.sparsity_warmup_fraction, 1e-12)
-        t = min((fraction - self.sparsity_warmup_fraction) / span, 1.0)
-        return self.sparsity_weight_start + t * (self.sparsity_weight_end - self.sparsity_weight_start)
 
 
 @dataclass
@@ -143,6 +138,7 @@ class RunConfig:
     save_every: int = 100
     #: a plain log line every this many steps (for non-interactive logs; the progress bar is live).
     log_every: int = 10
+
     #: number of test pairs drawn in the selection heatmap.
     heatmap_examples: int = 4
     #: a run folder to continue from its last checkpoint (same data order).
@@ -156,6 +152,11 @@ class RunConfig:
     #: else disk, else off, by size), "memory", "disk" or "off" (the target runs every step).
     state_cache: StateCacheMode = StateCacheMode.auto
 
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether ``precision`` means bf16 compute for the trained parts on this device type (fp32 masters):
+        the one reading of it, for the plain engine's autocast and DeepSpeed's bf16 mode alike."""
+        return self.precision == Precision.bf16 or (self.precision == Precision.auto and device_type == "cuda")
+
     def data_request(self) -> DataRequest:
         """The data request this run makes (its target and dtype, its seed), validated."""
         data = self.data
@@ -167,7 +168,7 @@ class RunConfig:
             target_dtype=str(self.model.torch_dtype),
             max_examples=data.max_examples,
             test_share=data.test_share,
-            seed=self.seed,
+            seed=self.seed if data.seed is None else data.seed,
             sources=tuple(data.sources),
             entities_per_template=data.entities_per_template,
         ).validate()

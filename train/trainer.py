@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from hyperdas.model import LossWeights, load_configured_target
+from hyperdas.model import load_configured_target
 from hyperdas.targets import target_config
 from hyperdas.train.config import RUN_CONFIG_FILE, RunConfig, load_run_config, save_run_config
 from hyperdas.train.data_source import RunData, cache_train_states, load_run_data
 from hyperdas.train.engine import PlainEngine, TrainingEngine, micro_batch_plan
 from hyperdas.train.evaluate import evaluate, write_evaluation
+from hyperdas.train.schedule import TrainingSchedule
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -227,14 +228,10 @@ class Trainer:
         total = self.config.epochs * self.steps_per_epoch
         return min(total, self.config.max_steps) if self.config.max_steps else total
 
-    def loss_weights(self, step: int) -> LossWeights:
-        loss = self.config.loss
-        fraction = step / max(self.total_steps, 1)
-        return LossWeights(loss.causal_loss_weight, loss.iso_loss_weight, loss.sparsity_weight(fraction))
-
-    def lr_scale(self, step: int) -> float:
-        warmup = self.config.optim.warmup_fraction * self.total_steps
-        return min(1.0, (step + 1) / warmup) if warmup >= 1 else 1.0
+    @property
+    def schedule(self) -> TrainingSchedule:
+        """Learning-rate scale, loss weights and annealing progress at each step (train/schedule.py)."""
+        return TrainingSchedule(self.total_steps, self.config.optim, self.config.loss)
 
     def train(self) -> None:
         """Optimizer steps from the current state to ``total_steps``; Ctrl-C saves a checkpoint first."""
@@ -272,10 +269,10 @@ class Trainer:
 
     def _one_step(self, indices: list[int]) -> dict:
         engine = self.engine
-        weights = self.loss_weights(self.state.step)
-        # the last step trains (and the model is saved) at the end of the schedule, e.g. MaskSelect's τ = 0.1
-        engine.model.set_progress(self.state.step / max(self.total_steps - 1, 1))
-        engine.set_lr_scale(self.lr_scale(self.state.step))
+        now = self.schedule.at(self.state.step)
+        weights = now.loss_weights
+        engine.model.set_progress(now.progress)
+        engine.set_lr_scale(now.lr_scale)
         micro_batches = process_slices(indices, self.setup.rank, self.setup.world_size, engine.micro_batch_size)
         losses, ces, penalties = [], [], []
         grad_norm = None
