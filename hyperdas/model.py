@@ -28,7 +28,7 @@ from hyperdas.editor import Editor, RunKeys
 from hyperdas.kernels.common import interpreter_active
 from hyperdas.kernels.interchange import interchange
 from hyperdas.selection import SelectionHead, apply_selection_mode, sharpen
-from hyperdas.subspace import MaskSelect, build_subspace
+from hyperdas.subspace import MASK_GROUP, ROTATION_GROUP, MaskSelect, build_subspace
 from hyperdas.targets import FrozenTarget, load_target, position_ids_from_mask, precision_context
 
 WEIGHTS_FILE = "hyperdas.safetensors"
@@ -176,6 +176,8 @@ class HyperDAS(nn.Module):
         self.subspace = build_subspace(config.subspace_module, d, config.das_dimension, config.mask_temperature_start)
         # training anneals it from the start value (set_progress); a built or loaded model selects at the end one
         self.selection_temperature = config.selection_temperature_end
+        #: the trained parts' autocast dtype (a run's precision; train/engine.py sets it), None = the target's
+        self.compute_dtype: torch.dtype | None = None
         # fp32 master weights for everything trained, whatever the target's dtype (float64 stays, for tests)
         trained_dtype = torch.float64 if target.dtype == torch.float64 else torch.float32
         for part in (self.editor, self.selection_head, self.subspace):
@@ -187,19 +189,28 @@ class HyperDAS(nn.Module):
 
     def param_groups(self, editor_lr: float, rotation_lr: float, mask_lr: float, weight_decay: float) -> list[dict]:
         """AdamW groups: editor + selection head (editor_lr, decay), basis R (rotation_lr, no decay),
-        MaskSelect's mask projection (mask_lr, decay)."""
-        rotation, mask, rest = [], [], []
-        for name, param in self.trainable_named_parameters():
-            if name.startswith("subspace.rotation."):
-                rotation.append(param)
-            elif name.startswith("subspace.mask_logits."):
-                mask.append(param)
-            else:
-                rest.append(param)
+        MaskSelect's mask projection (mask_lr, decay). A part declares its group by an ``optimizer_group``
+        attribute (hyperdas/subspace.py); every parameter under it joins that group, the rest the editor's."""
+        settings = {
+            "editor": (editor_lr, weight_decay),
+            ROTATION_GROUP: (rotation_lr, 0.0),
+            MASK_GROUP: (mask_lr, weight_decay),
+        }
+        group_of: dict[int, str] = {}
+        for module in self.modules():  # parents before children: the innermost declaration wins
+            declared = getattr(module, "optimizer_group", None)
+            if declared is not None:
+                if declared not in settings:
+                    raise ValueError(
+                        f"{type(module).__name__} declares optimizer group {declared!r}: allowed {sorted(settings)}"
+                    )
+                group_of.update({id(p): declared for p in module.parameters()})
+        members: dict[str, list[nn.Parameter]] = {name: [] for name in settings}
+        for _, param in self.trainable_named_parameters():
+            members[group_of.get(id(param), "editor")].append(param)
         groups = [
-            {"name": "editor", "params": rest, "lr": editor_lr, "weight_decay": weight_decay},
-            {"name": "rotation", "params": rotation, "lr": rotation_lr, "weight_decay": 0.0},
-            {"name": "mask", "params": mask, "lr": mask_lr, "weight_decay": weight_decay},
+            {"name": name, "params": members[name], "lr": lr, "weight_decay": decay}
+            for name, (lr, decay) in settings.items()
         ]
         return [g for g in groups if g["params"]]
 
@@ -275,8 +286,9 @@ class HyperDAS(nn.Module):
             return HyperDASOutput(loss, ce, penalty, logits, selection)
 
     def precision_context(self, device: torch.device):
-        """Autocast to a bf16/fp16 target's dtype (trained parts stay fp32), unless autocast is already on."""
-        return precision_context(self.target.dtype, device)
+        """The one autocast of a forward: to ``compute_dtype`` if set, else to a bf16/fp16 target's dtype
+        (trained parts stay fp32 masters); nothing if the caller already enabled autocast."""
+        return precision_context(self.target.dtype, device, self.compute_dtype)
 
     def check_attributes(self, attributes) -> None:
         """Refuse attributes the model was not trained on (``config.trained_attributes``; None: no record)."""
@@ -324,8 +336,7 @@ class HyperDAS(nn.Module):
             use_triton=use_triton,
         )
         soft = sharpen(soft, self.selection_temperature)  # (B, Ts+1, Tb)
-        rotation = self.subspace.rotation() if self.subspace.rotation is not None else None  # once per step
-        basis = self.subspace(encoding, rotation)
+        basis = self.subspace(encoding)  # W: (B, D, r), (D, r) or None (the whole vector)
         return Encoded(h, s, encoding, soft, basis, base_mask, source_mask)
 
     def select(self, batch: PairBatch, encoded: Encoded, mode: str) -> torch.Tensor:

@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: the optimizer groups the parts below declare (``optimizer_group``; HyperDAS.param_groups sets their rates).
+ROTATION_GROUP = "rotation"
+MASK_GROUP = "mask"
+
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """x in float32, or float64 if it already is (bf16/fp16 math here would lose orthonormality)."""
@@ -26,6 +30,8 @@ class OrthonormalBasis(nn.Module):
     orthonormal (orthogonal init), so R starts equal to P: never the all-zero, stuck-at-identity basis of
     the reference (which created it with torch.empty).
     """
+
+    optimizer_group = ROTATION_GROUP  # R trains at its own rate, without weight decay
 
     def __init__(self, hidden_size: int, rank: int):
         super().__init__()
@@ -77,9 +83,9 @@ class ReflectSelect(nn.Module):
         """What an analysis of the chosen subspaces reads per example: the reflection vector v (B, D)."""
         return {"reflection": self.reflection(encoding)}
 
-    def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        """encoding: (B, D); basis: R (D, r) from ``self.rotation()`` -> W: (B, D, r), at least float32."""
-        basis = at_least_fp32(basis)
+    def forward(self, encoding: torch.Tensor) -> torch.Tensor:
+        """encoding: (B, D) -> W: (B, D, r), at least float32 (R evaluated once for the batch)."""
+        basis = self.rotation()  # (D, r)
         v = self.reflection(encoding)  # (B, D)
         vtr = v @ basis  # (B, r)
         return basis[None] - 2.0 * v[:, :, None] * vtr[:, None, :]  # (B, D, r)
@@ -97,6 +103,7 @@ class MaskSelect(nn.Module):
         super().__init__()
         self.rotation = OrthonormalBasis(hidden_size, rank)
         self.mask_logits = SwiGLU(hidden_size, hidden_size, rank)
+        self.mask_logits.optimizer_group = MASK_GROUP
         self.temperature = temperature
 
     def set_temperature(self, temperature: float) -> None:
@@ -119,9 +126,9 @@ class MaskSelect(nn.Module):
     def set_extra_state(self, state: torch.Tensor) -> None:
         self.set_temperature(float(state))
 
-    def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        """encoding: (B, D); basis: R (D, r) -> W: (B, D, r), at least float32."""
-        return at_least_fp32(basis)[None] * self.mask(encoding).sqrt()[:, None, :]
+    def forward(self, encoding: torch.Tensor) -> torch.Tensor:
+        """encoding: (B, D) -> W: (B, D, r), at least float32."""
+        return self.rotation()[None] * self.mask(encoding).sqrt()[:, None, :]
 
 
 class StaticDAS(nn.Module):
@@ -134,8 +141,9 @@ class StaticDAS(nn.Module):
     def describe(self, encoding: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}  # the same basis for every example: nothing per example to analyse
 
-    def forward(self, encoding: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        return at_least_fp32(basis)
+    def forward(self, encoding: torch.Tensor) -> torch.Tensor:
+        """encoding: (B, D), unused -> W = R: (D, r), at least float32."""
+        return self.rotation()
 
 
 class FullSubspace(nn.Module):
@@ -146,7 +154,7 @@ class FullSubspace(nn.Module):
     def describe(self, encoding: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
 
-    def forward(self, encoding: torch.Tensor, basis: None) -> None:
+    def forward(self, encoding: torch.Tensor) -> None:
         return None
 
 

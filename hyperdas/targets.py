@@ -143,14 +143,13 @@ class FrozenTarget(nn.Module):
         self, model: nn.Module, tokenizer, name: str, arch: ArchitectureMap | None = None, attention: str = "auto"
     ):
         super().__init__()
-        attention_kernel_for(torch.device("cpu"), torch.float32, attention)  # validates
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.arch = arch or architecture_of(model.config)
-        self.attention = attention
         self.model.eval()
         self.model.requires_grad_(False)
+        self.attention = attention  # validates it and sets the layers' implementation
 
     # --- the parts ---------------------------------------------------------------------------------
     @property
@@ -210,11 +209,28 @@ class FrozenTarget(nn.Module):
         super().train(False)
         return self
 
-    def use_attention_kernel_for(self, states: torch.Tensor) -> None:
-        """Switch the layers' attention implementation to the one for these states (a no-op once it is set)."""
-        kernel = attention_kernel_for(states.device, states.dtype, self.attention)
+    @property
+    def attention(self) -> str:
+        """The requested attention kernel ("auto", "sdpa" or "eager"); setting it applies it to the layers."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, requested: str) -> None:
+        attention_kernel_for(torch.device("cpu"), torch.float32, requested)  # validates
+        self._attention = requested
+        self._set_attention_kernel()
+
+    def _set_attention_kernel(self) -> None:
+        """Set the layers' attention implementation for the weights' device and dtype (the states' too)."""
+        kernel = attention_kernel_for(self.device, self.dtype, self.attention)
         if self.config._attn_implementation != kernel:
             self.model.set_attn_implementation(kernel)
+
+    def _apply(self, fn, recurse: bool = True):
+        """After ``.to()`` / ``.cuda()`` / ``.double()``: the attention implementation follows the weights, set once."""
+        super()._apply(fn, recurse)
+        self._set_attention_kernel()
+        return self
 
     # --- the two operations the method needs -------------------------------------------------------
     def _run_layers(
@@ -225,7 +241,6 @@ class FrozenTarget(nn.Module):
         collect: list[torch.Tensor] | None = None,
         checkpoint_layers: bool = False,
     ) -> torch.Tensor:
-        self.use_attention_kernel_for(hidden)
         position_ids = position_ids_from_mask(attention_mask)
         bias = causal_padding_bias(attention_mask, hidden.dtype)  # both kernels take this additive bias
         position_embeddings = self.rotary_emb(hidden, position_ids)
@@ -294,12 +309,14 @@ class FrozenTarget(nn.Module):
         return self.run_from_layer(self.embed_tokens(input_ids), 0, attention_mask, logit_positions)
 
 
-def precision_context(target_dtype: torch.dtype, device: torch.device):
-    """Autocast to a bf16/fp16 target's dtype (trained parts keep fp32 masters), unless autocast is already on."""
+def precision_context(target_dtype: torch.dtype, device: torch.device, compute_dtype: torch.dtype | None = None):
+    """Autocast to ``compute_dtype`` if given, else to a bf16/fp16 target's dtype (trained parts keep fp32
+    masters); nothing when autocast is already on (the caller chose) or everything is fp32/fp64."""
     import contextlib
 
-    if target_dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, dtype=target_dtype)
+    dtype = compute_dtype or (target_dtype if target_dtype in (torch.bfloat16, torch.float16) else None)
+    if dtype is not None and not torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 

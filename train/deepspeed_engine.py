@@ -17,7 +17,7 @@ from hyperdas.data.batch import PairBatch
 from hyperdas.model import WEIGHTS_FILE, BatchEvaluation, HyperDAS, HyperDASOutput, LossWeights
 from hyperdas.train.config import RunConfig
 from hyperdas.train.distributed import init_distributed
-from hyperdas.train.ds_config import read_ds_config, resolve_ds_config, use_bf16, zero_stage
+from hyperdas.train.ds_config import read_ds_config, resolve_ds_config, zero_stage
 from hyperdas.train.engine import to_device
 from hyperdas.train.memory_fit import check_model_fits, count_parameters
 from hyperdas.train.optimizer import make_optimizer, set_lr_scale
@@ -179,7 +179,7 @@ class DeepSpeedSetup:
         ds = resolve_ds_config(self.raw_ds_config, config, self.world_size, self.device_type)
         if self.device_type == "cuda":
             device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            target_bytes = 2 if use_bf16(config.precision, self.device_type) else 4
+            target_bytes = 2 if config.uses_bf16(self.device_type) else 4
             check_model_fits(count_parameters(config.model), ds, self.world_size, device_bytes, target_bytes)
         model, keep_alive = build_model(config, ds, self.device_type)
         return DeepSpeedEngine(model, config, ds, keep_alive)

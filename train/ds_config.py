@@ -43,11 +43,6 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def use_bf16(precision: str, device_type: str) -> bool:
-    """Whether the run config's precision means bf16 weights (with fp32 masters) on this device type."""
-    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
-
-
 def _fill(ds: dict, key: str, wanted, what: str) -> None:
     """Set ``ds[key]`` to ``wanted`` when absent or "auto"; refuse a different explicit value."""
     given = ds.get(key, "auto")
@@ -109,7 +104,7 @@ def resolve_ds_config(ds_config: dict, run: RunConfig, world_size: int, device_t
     # bf16 runs keep fp32 masters. From stage 1 on, DeepSpeed's bf16 mode does that (bf16 working weights, fp32
     # masters in its optimizer). At stage 0 it would wrap AdamW in its fp16 optimizer instead, so plain data
     # parallelism keeps fp32 trained weights and runs the forward under bf16 autocast, as hyperdas train does.
-    bf16 = use_bf16(run.precision, device_type)
+    bf16 = run.uses_bf16(device_type)
     ds_bf16 = bf16 and stage > 0
     section = ds.setdefault("bf16", {})
     enabled = section.get("enabled", "auto")

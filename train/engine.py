@@ -7,7 +7,6 @@ engine (train/deepspeed_engine.py) implements the same interface over ``deepspee
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -100,28 +99,17 @@ class PlainEngine:
         )
         self.optimizer = make_optimizer(model, config.optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.autocast_dtype = self._autocast_dtype(config.precision)
+        # the model enters the one autocast (HyperDAS.precision_context); the run's precision picks its dtype
+        model.compute_dtype = torch.bfloat16 if config.uses_bf16(self.device.type) else None
         self._micro_steps = 0
-
-    def _autocast_dtype(self, precision: str) -> torch.dtype | None:
-        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def forward(
         self, batch: PairBatch, mode: str = "soft", loss_weights: LossWeights | None = None, states=None
     ) -> HyperDASOutput:
-        with self._autocast():
-            return self.model(to_device(batch, self.device), mode=mode, loss_weights=loss_weights, states=states)
+        return self.model(to_device(batch, self.device), mode=mode, loss_weights=loss_weights, states=states)
 
     def evaluate_batch(self, batch: PairBatch, modes: list[str]) -> BatchEvaluation:
-        with self._autocast():
-            return self.model.evaluate_batch(to_device(batch, self.device), modes)
+        return self.model.evaluate_batch(to_device(batch, self.device), modes)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps).backward()

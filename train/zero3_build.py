@@ -18,7 +18,7 @@ from hyperdas.config import HyperDASConfig
 from hyperdas.model import HyperDAS
 from hyperdas.targets import FrozenTarget, load_target
 from hyperdas.train.config import RunConfig
-from hyperdas.train.ds_config import use_bf16, zero_stage
+from hyperdas.train.ds_config import zero_stage
 
 
 def enable_zero3_construction(ds_config: dict) -> object:
@@ -93,7 +93,7 @@ def build_model(
         must outlive the model; None otherwise.
     """
     model_config: HyperDASConfig = run.model
-    dtype = torch.bfloat16 if use_bf16(run.precision, device_type) else getattr(torch, model_config.torch_dtype)
+    dtype = torch.bfloat16 if run.uses_bf16(device_type) else getattr(torch, model_config.torch_dtype)
     handle = None
     if zero_stage(ds_config) < 3:
         torch.manual_seed(run.seed)

@@ -96,6 +96,13 @@ def test_param_groups_give_r_and_the_mask_their_own_rates(target64, subspace):
         assert any(n.startswith("subspace.reflector.") for n in members["editor"])
 
 
+def test_a_part_declaring_an_unknown_optimizer_group_is_refused(target64):
+    model = _model(target64)
+    model.selection_head.optimizer_group = "selection"  # not one of the groups the run gives rates to
+    with pytest.raises(ValueError, match="declares optimizer group 'selection': allowed"):
+        model.param_groups(4e-5, 1e-3, 1e-2, 0.01)
+
+
 def test_editor_blocks_own_their_weights(target64):
     model = _model(target64)
     storages = {}
@@ -109,7 +116,7 @@ def test_editor_blocks_own_their_weights(target64):
 def test_reflect_select_basis_is_orthonormal(target64):
     model = _model(target64, das_dimension=7)
     encoding = torch.randn(4, target64.hidden_size, dtype=torch.float64)
-    basis = model.subspace(encoding, model.subspace.rotation())
+    basis = model.subspace(encoding)
     assert basis.shape == (4, target64.hidden_size, 7)
     eye = torch.eye(7, dtype=torch.float64).expand(4, -1, -1)
     torch.testing.assert_close(basis.transpose(1, 2) @ basis, eye, rtol=0, atol=1e-12)

@@ -126,6 +126,22 @@ def test_attention_kernel_choice():
         attention_kernel_for(cpu, torch.float32, "flash")
 
 
+def test_the_attention_implementation_is_set_when_the_weights_or_the_request_change(smollm2):
+    """Set once per change, never per call: at construction, after .to()/.double() (here on a parent module,
+    as HyperDAS(...).double() does) and when ``attention`` is set."""
+    target = build_random_target(tiny_llama_config(len(smollm2.tokenizer)), tokenizer=smollm2.tokenizer)
+    assert target.config._attn_implementation == "eager"  # float32 on CPU
+    parent = torch.nn.Sequential(target).double()
+    assert target.dtype == torch.float64 and target.config._attn_implementation == "sdpa"
+    parent.float()
+    assert target.config._attn_implementation == "eager"
+    target.attention = "sdpa"
+    assert target.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        target.attention = "flash"
+    assert target.attention == "sdpa"
+
+
 def test_layer_out_of_range_is_a_clear_error(tiny_target):
     h = torch.zeros(1, 2, tiny_target.hidden_size)
     with pytest.raises(ValueError, match=r"layer 9 is out of range: allowed 0\.\.3"):

@@ -119,3 +119,11 @@ def test_train_help_lists_every_key_and_each_domains_attributes(capsys):
         "resume=DIR continues DIR",
     ):
         assert line in text
+
+
+def test_the_data_seed_follows_the_run_seed_unless_set():
+    """data.seed unset: the pairing is seeded by the run's seed; set, the training seed varies on fixed data."""
+    assert load_run_config(overrides=["seed=3"]).data_request().seed == 3
+    fixed = load_run_config(overrides=["seed=3", "data.seed=0"])
+    assert (fixed.seed, fixed.data_request().seed) == (3, 0)
+    assert fixed.data_request().key() == load_run_config().data_request().key()  # the main job's data, reused
