@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 GIB = 2**30
 
-#: architecture presets: transformers config fields (Llama family).
+#: architecture presets: transformers config fields (Llama family); "tiny" is hyperdas.testing's random Llama.
 PRESETS: dict[str, dict] = {
     "llama3-8b": dict(
         vocab_size=128256,
@@ -56,18 +56,6 @@ PRESETS: dict[str, dict] = {
         head_dim=128,
         tie_word_embeddings=False,
         rope_theta=500000.0,
-    ),
-    # the tests' tiny random Llama (tests/conftest.py), with a small vocabulary
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=40,
-        intermediate_size=56,
-        num_hidden_layers=3,
-        num_attention_heads=5,
-        num_key_value_heads=1,
-        head_dim=8,
-        tie_word_embeddings=False,
-        pad_token_id=2,
     ),
 }
 
@@ -113,7 +101,10 @@ def target_config(model: str):
     from transformers import LlamaConfig
 
     from hyperdas.targets import target_config as targets_config
+    from hyperdas.testing import tiny_llama_config
 
+    if model == "tiny":
+        return tiny_llama_config(vocab_size=512)
     if model in PRESETS:
         return LlamaConfig(**PRESETS[model])
     return targets_config(model)
@@ -459,7 +450,9 @@ def report(device_gib: float = 80.0) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model", default="llama3-8b", help=f"preset {sorted(PRESETS)}, smollm2-135m, or a hub name / folder"
+        "--model",
+        default="llama3-8b",
+        help=f"preset {sorted([*PRESETS, 'tiny'])}, smollm2-135m, or a hub name / folder",
     )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
