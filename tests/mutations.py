@@ -139,9 +139,9 @@ MUTATIONS = (
     ),
     Mutation(
         "R trained at the editor's lr with decay",
-        "hyperdas/model.py",
-        'if name.startswith("subspace.rotation."):',
-        'if name.startswith("subspace.rotations."):',
+        "hyperdas/subspace.py",
+        "optimizer_group = ROTATION_GROUP  # R trains at its own rate",
+        "optimizer_group = None  # R trains at its own rate",
         ("tests/hyperdas/test_model.py",),
     ),
     Mutation(
@@ -167,17 +167,17 @@ MUTATIONS = (
     ),
     Mutation(
         "the schedule stops short of its end on the last step",
-        "train/trainer.py",
-        "engine.model.set_progress(self.state.step / max(self.total_steps - 1, 1))",
-        "engine.model.set_progress(self.state.step / max(self.total_steps, 1))",
-        ("tests/train/test_trainer.py",),
+        "train/schedule.py",
+        "return StepSchedule(self.lr_scale(step), weights, step / max(self.total_steps - 1, 1))",
+        "return StepSchedule(self.lr_scale(step), weights, step / max(self.total_steps, 1))",
+        ("tests/train/test_trainer.py", "tests/train/test_schedule.py"),
     ),
     Mutation(
         "sparsity weight on during the warm-up's last step",
-        "train/config.py",
-        "if fraction < self.sparsity_warmup_fraction:",
-        "if fraction < self.sparsity_warmup_fraction - 0.2:",
-        ("tests/train/test_trainer.py",),
+        "train/schedule.py",
+        "if fraction < loss.sparsity_warmup_fraction:",
+        "if fraction < loss.sparsity_warmup_fraction - 0.2:",
+        ("tests/train/test_trainer.py", "tests/train/test_schedule.py"),
     ),
     Mutation(
         "no gradient clipping",
@@ -213,6 +213,20 @@ MUTATIONS = (
         "equal_length_batches([len(r) + len(lab) for r, lab in zip(rows, labels, strict=True)], batch_size)",
         "equal_length_batches([0] * len(rows), batch_size)",
         ("tests/hyperdas/test_data_known.py",),
+    ),
+    Mutation(
+        "the run's precision not passed to the model's autocast",
+        "train/engine.py",
+        "model.compute_dtype = torch.bfloat16 if config.uses_bf16(self.device.type) else None",
+        "model.compute_dtype = None",
+        ("tests/train/test_engine_precision.py",),
+    ),
+    Mutation(
+        "the attention implementation not following the weights to float64",
+        "hyperdas/targets.py",
+        "        super()._apply(fn, recurse)\n        self._set_attention_kernel()",
+        "        super()._apply(fn, recurse)",
+        ("tests/hyperdas/test_targets.py",),
     ),
 )
 
