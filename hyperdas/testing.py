@@ -3,7 +3,7 @@
 ``tiny_llama_config`` + ``hyperdas.targets.build_random_target`` give a target in milliseconds;
 ``make_batch`` gives a collated batch shaped exactly as hyperdas.data.collate makes one, with random tokens
 and uneven, left-padded lengths; ``PlantedTarget`` knows a planted set of prompts; ``llama_in_float64`` makes a
-float64 Llama float64 throughout.
+float64 Llama float64 throughout; ``torchrun_command`` launches a script on local processes.
 """
 
 from __future__ import annotations
@@ -36,6 +36,26 @@ def tiny_llama_config(vocab_size: int, **overrides):
     )
     values.update(overrides)
     return LlamaConfig(**values)
+
+
+def torchrun_command(script, processes: int, *args: str) -> list[str]:
+    """``python -m torch.distributed.run`` of ``script`` on ``processes`` local processes, on a free port."""
+    import sys
+
+    from hyperdas.train.launch import free_local_port
+
+    port = str(free_local_port())
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        port,
+        str(script),
+        *args,
+    ]
 
 
 def make_batch(

@@ -119,6 +119,19 @@ def check_empty_row(out: torch.Tensor, grads: dict[str, torch.Tensor], inputs: d
         assert (grad[empty] == 0).all(), f"grad {name} of an all-masked row is not zero"
 
 
+def assert_path_matches_reference(path, inputs: dict, shape, dtype: torch.dtype, rel: float, empty_row: bool = True):
+    """``path`` in ``dtype`` against the float64 oracle under one random upstream gradient: the output and every
+    gradient within ``rel`` (``assert_matches``), and an all-masked row exactly zero."""
+    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device=inputs["q"].device)
+    expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
+    out, grads = run_with_grads(path, inputs, dtype, grad_out)
+    assert_matches(out, expected, rel, "out")
+    for name in DIFFERENTIABLE:
+        assert_matches(grads[name], expected_grads[name], rel, f"grad {name}")
+    if empty_row:
+        check_empty_row(out, grads, inputs)
+
+
 @pytest.fixture
 def poisoned_buffers(monkeypatch):
     """Every uninitialised float buffer torch hands out during the test is filled with NaN."""
@@ -207,25 +220,13 @@ def test_reference_matches_explicit_normalisation():
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
 def test_sdpa_matches_reference_float64(shape: Shape, poisoned_buffers):
     inputs = make_inputs(shape, seed=hash(shape) % 1000)
-    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64)
-    expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
-    out, grads = run_with_grads(cross_attention_sdpa, inputs, torch.float64, grad_out)
-    assert_matches(out, expected, 1e-10, "out")
-    for name in DIFFERENTIABLE:
-        assert_matches(grads[name], expected_grads[name], 1e-10, f"grad {name}")
-    check_empty_row(out, grads, inputs)
+    assert_path_matches_reference(cross_attention_sdpa, inputs, shape, torch.float64, 1e-10)
 
 
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
 def test_triton_matches_reference(shape: Shape, poisoned_buffers):
     inputs = make_inputs(shape, seed=1 + hash(shape) % 1000, device=DEVICE)
-    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device=DEVICE)
-    expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
-    out, grads = run_with_grads(cross_attention_triton, inputs, torch.float32, grad_out)
-    assert_matches(out, expected, 2e-5, "out")
-    for name in DIFFERENTIABLE:
-        assert_matches(grads[name], expected_grads[name], 2e-5, f"grad {name}")
-    check_empty_row(out, grads, inputs)
+    assert_path_matches_reference(cross_attention_triton, inputs, shape, torch.float32, 2e-5)
 
 
 @pytest.mark.parametrize("runs", [2, 5])
@@ -244,13 +245,7 @@ def test_triton_key_splits(shape: Shape, runs: int, monkeypatch, poisoned_buffer
     inputs = make_inputs(shape, seed=17, device=DEVICE)
     inputs["key_mask"][0] = False
     inputs["key_mask"][0, 5:50:3] = True
-    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device=DEVICE)
-    expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
-    out, grads = run_with_grads(cross_attention_triton, inputs, torch.float32, grad_out)
-    assert_matches(out, expected, 2e-5, "out")
-    for name in DIFFERENTIABLE:
-        assert_matches(grads[name], expected_grads[name], 2e-5, f"grad {name}")
-    check_empty_row(out, grads, inputs)
+    assert_path_matches_reference(cross_attention_triton, inputs, shape, torch.float32, 2e-5)
 
 
 @pytest.mark.parametrize(
@@ -269,14 +264,8 @@ def test_triton_key_splits(shape: Shape, runs: int, monkeypatch, poisoned_buffer
 def test_triton_half_precision(dtype: torch.dtype):
     shape = SMALL_SHAPES[0]
     inputs = make_inputs(shape, seed=5, device=DEVICE)
-    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device=DEVICE)
-    expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
-    out, grads = run_with_grads(cross_attention_triton, inputs, dtype, grad_out)
     rel = 2e-2 if dtype == torch.bfloat16 else 4e-3
-    assert_matches(out, expected, rel, "out")
-    for name in DIFFERENTIABLE:
-        assert_matches(grads[name], expected_grads[name], rel, f"grad {name}")
-    check_empty_row(out, grads, inputs)
+    assert_path_matches_reference(cross_attention_triton, inputs, shape, dtype, rel)
 
 
 def test_non_contiguous_inputs():
@@ -286,12 +275,7 @@ def test_non_contiguous_inputs():
     for name in ("k", "v"):
         inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
     inputs["q"] = inputs["q"].transpose(1, 2).contiguous().transpose(1, 2)
-    grad_out = torch.randn(shape.b, shape.hq, shape.te, shape.hd, dtype=torch.float64, device=DEVICE)
-    expected, expected_grads = run_with_grads(cross_attention_reference, inputs, torch.float64, grad_out)
-    out, grads = run_with_grads(cross_attention_triton, inputs, torch.float32, grad_out)
-    assert_matches(out, expected, 2e-5, "out")
-    for name in DIFFERENTIABLE:
-        assert_matches(grads[name], expected_grads[name], 2e-5, f"grad {name}")
+    assert_path_matches_reference(cross_attention_triton, inputs, shape, torch.float32, 2e-5, empty_row=False)
 
 
 def test_custom_scale_and_module():

@@ -24,6 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from hyperdas.testing import torchrun_command
 from hyperdas.train.distributed import SHM_COMM_OP
 from hyperdas.train.launch import free_local_port
 
@@ -182,17 +183,7 @@ def _assert_same_run(run: Path, reference: Path, same_arithmetic: bool = True) -
 
 
 def _torchrun(*args: str, processes: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(processes),
-        "--master_port",
-        str(free_local_port()),
-        str(LAUNCH),
-        *args,
-    ]
+    return torchrun_command(LAUNCH, processes, *args)
 
 
 @pytest.fixture(scope="module")

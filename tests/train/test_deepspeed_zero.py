@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 from hyperdas.data.batch import PairBatch
-from hyperdas.train.launch import free_local_port
+from hyperdas.testing import torchrun_command
 
 pytest.importorskip("deepspeed")
 
@@ -56,16 +56,7 @@ def _run_worker(out: Path, *args: str, processes: int) -> Path:
     if "plain" in args:
         command = [sys.executable, str(WORKER)]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(processes),
-            "--master_port",
-            str(free_local_port()),
-            str(WORKER),
-        ]
+        command = torchrun_command(WORKER, processes)
     result = subprocess.run(
         [*command, "--out", str(out), *args], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
     )
