@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hyperdas.kernels.cross_attention import normalized_cross_attention
-from hyperdas.targets import FrozenTarget, causal_padding_bias, position_ids_from_mask
+from hyperdas.targets import FrozenTarget, attention_kernel_for, causal_padding_bias, position_ids_from_mask
 
 
 @dataclass
@@ -197,7 +197,23 @@ class Editor(nn.Module):
         self.embed_tokens = copy.deepcopy(target.embed_tokens) if trainable_embeddings else None
         self.gradient_checkpointing = False
         self.use_triton: bool | None = None  # the cross-attention's path; None = Triton on CUDA
+        self.attention = target.attention  # the self-attention kernel request, as the target's
         self.requires_grad_(True)
+        self._set_attention_kernel()
+
+    def _set_attention_kernel(self) -> None:
+        """The copied self-attention layers hold their own config: give them the kernel for the editor's own
+        device and dtype (`attention_kernel_for`), as the target does for its weights."""
+        weight = next(self.parameters())
+        kernel = attention_kernel_for(weight.device, weight.dtype, self.attention)
+        for layer in self.layers:
+            layer.self_attn.config._attn_implementation = kernel
+
+    def _apply(self, fn, recurse: bool = True):
+        """After ``.to()`` / ``.float()`` / ``.cuda()`` (the model casts the editor to its fp32 masters)."""
+        super()._apply(fn, recurse)
+        self._set_attention_kernel()
+        return self
 
     @property
     def inv_freq(self) -> torch.Tensor:

@@ -328,3 +328,20 @@ def test_an_attribute_the_model_was_not_trained_on_is_refused(target64, tmp_path
     assert loaded.config.trained_attributes == ["Country", "Language"]
     with pytest.raises(ValueError, match="trained_attributes must be a list"):
         HyperDASConfig(target="tiny", trained_attributes="Country")
+
+
+def test_the_editors_copied_attention_follows_its_own_weights(smollm2):
+    """The editor's self-attention layers are copies with their own config: they take the kernel for the
+    editor's device and dtype (eager for fp32 on CPU, SDPA for float64), and follow them when they change."""
+    target = build_random_target(tiny_llama_config(len(smollm2.tokenizer)), tokenizer=smollm2.tokenizer)
+    config = HyperDASConfig(target="tiny", intervention_layer=1, das_dimension=3, chop_editor_at_layer=2)
+    model = HyperDAS(config, target)
+
+    def kernels():
+        return {layer.self_attn.config._attn_implementation for layer in model.editor.layers}
+
+    assert kernels() == {"eager"}  # the fp32 editor on CPU runs eager, as "auto" says
+    model.double()
+    assert kernels() == {"sdpa"} and target.config._attn_implementation == "sdpa"
+    model.float()
+    assert kernels() == {"eager"}
