@@ -287,9 +287,10 @@ def _label_loss(logits: torch.Tensor, batch: PairBatch, weights: LossWeights | N
 
 
 def _hinge(selection: torch.Tensor) -> torch.Tensor:
-    """mean_b Σ_i max(σ_i − 1, 0) with σ_i = Σ_j A_ij over the real source rows (SELF excluded)."""
+    """mean_b Σ_i max(σ_i − 1, 0) with σ_i = Σ_j A_ij over the real source rows (SELF excluded); its gradient is
+    0 at the kink σ_i = 1, where a hard selection's source taken by one base position sits exactly."""
     sigma = selection[:, :-1].sum(dim=2)
-    return torch.clamp(sigma - 1.0, min=0.0).sum(dim=1).mean()
+    return torch.where(sigma > 1.0, sigma - 1.0, torch.zeros_like(sigma)).sum(dim=1).mean()
 
 
 # --- the step ---------------------------------------------------------------------------------------------
@@ -338,7 +339,11 @@ def _literal_four_pass(model, batch, mode, loss_weights):
         _, source_again = _run_collecting_states(model, src_ids, src_att)  # pass 3: layer k only
     encoding = _encoding(model, batch, source_states, base_states)
     h, s = base_states[:, :, k], source_again[:, :, k]
-    selection = _hard_selection(_soft_selection(model, encoding, h, s, batch), mode, batch).to(h.dtype)
+    soft = _soft_selection(model, encoding, h, s, batch)
+    selection = _hard_selection(soft, mode, batch)
+    if mode not in ("soft", "groundtruth"):  # straight-through: exactly the hard value, the soft A's gradient
+        selection = selection + soft - soft.detach()
+    selection = selection.to(h.dtype)
     taken = (selection[:, :-1, :, None] * s[:, :, None, :]).sum(dim=1)  # (B, Ts, Tb, D) summed over Ts
     mixed = taken + selection[:, -1, :, None] * h  # s̃: (B, Tb, D)
     basis = _basis(model, encoding)

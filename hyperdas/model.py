@@ -27,7 +27,7 @@ from hyperdas.data.batch import PairBatch
 from hyperdas.editor import Editor, RunKeys
 from hyperdas.kernels.common import interpreter_active
 from hyperdas.kernels.interchange import interchange
-from hyperdas.selection import SelectionHead, apply_selection_mode, sharpen
+from hyperdas.selection import SelectionHead, apply_selection_mode, sharpen, straight_through
 from hyperdas.subspace import MASK_GROUP, ROTATION_GROUP, MaskSelect, build_subspace
 from hyperdas.targets import FrozenTarget, load_target, position_ids_from_mask, precision_context
 
@@ -109,7 +109,8 @@ def left_pad_to(x: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
 
 
 def sparsity_penalty(selection: torch.Tensor) -> torch.Tensor:
-    """Hinge on how much each source token is taken: mean_b Σ_i max(Σ_j A_ij − 1, 0), real source rows only."""
+    """Hinge on how much each source token is taken: mean_b Σ_i max(Σ_j A_ij − 1, 0), real source rows only.
+    ReLU's gradient is 0 at the kink Σ_j A_ij = 1, which a hard (straight-through) selection hits exactly."""
     taken = selection[:, :-1].sum(dim=2)  # (B, Ts)
     return F.relu(taken - 1.0).sum(dim=1).mean()
 
@@ -264,7 +265,9 @@ class HyperDAS(nn.Module):
 
         Args:
             batch: the collated batch (a dict of its fields is taken too).
-            mode: the selection mode (``config.SELECTION_MODES``).
+            mode: the selection mode (``config.SELECTION_MODES``); a hard mode other than groundtruth patches
+                its one-hot selection and passes the soft A's gradient back (straight-through, ``select``),
+                the sparsity hinge included.
             loss_weights: per-kind and sparsity weights (default ``LossWeights()``).
             states: the target's (base (B, Tb, N, D), source (B, Ts, N, D)) states of this batch, e.g. from a
                 ``hyperdas.state_cache.StateCache``; None runs the no-grad target pass.
@@ -340,8 +343,9 @@ class HyperDAS(nn.Module):
         return Encoded(h, s, encoding, soft, basis, base_mask, source_mask)
 
     def select(self, batch: PairBatch, encoded: Encoded, mode: str) -> torch.Tensor:
-        """The selection ``mode`` makes of the soft A: (B, Ts+1, Tb)."""
-        return apply_selection_mode(
+        """The selection ``mode`` makes of the soft A: (B, Ts+1, Tb). A hard mode other than groundtruth is
+        straight-through: its one-hot value, the soft A's gradient (``config.train_selection_mode`` trains it)."""
+        selection = apply_selection_mode(
             encoded.soft,
             mode,
             encoded.base_mask,
@@ -349,6 +353,9 @@ class HyperDAS(nn.Module):
             batch.base_entity_last,
             batch.source_entity_last,
         )
+        if mode in ("soft", "groundtruth"):  # soft is A itself; groundtruth does not depend on A
+            return selection
+        return straight_through(selection, encoded.soft)
 
     def intervene(
         self, batch: PairBatch, encoded: Encoded, selection: torch.Tensor | None, full_vector: bool = False

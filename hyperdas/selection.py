@@ -101,6 +101,16 @@ def sharpen(weights: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(log_a / temperature, dim=1)
 
 
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """The hard selection in the forward, the soft one's gradient in the backward: hard + (A − sg(A)).
+
+    hard, soft: (B, Ts+1, Tb). The value is ``hard`` exactly (A − sg(A) is 0, not a rounding of it), so a
+    straight-through forward patches what the hard mode patches; ∂/∂A is the gradient the patch would get
+    w.r.t. a selection evaluated at ``hard`` (the interchange is linear in the selection).
+    """
+    return hard + (soft - soft.detach())
+
+
 def apply_selection_mode(
     weights: torch.Tensor,
     mode: str,

@@ -159,6 +159,20 @@ MUTATIONS = (
         ("tests/hyperdas/test_model.py",),
     ),
     Mutation(
+        "a hard mode's selection not passed straight through to the soft A",
+        "hyperdas/model.py",
+        "return straight_through(selection, encoded.soft)",
+        "return selection",
+        (MODEL_VS_ORACLE,),
+    ),
+    Mutation(
+        "the trainer patching with the soft A whatever train_selection_mode says",
+        "train/trainer.py",
+        "mode=self.config.model.train_selection_mode,",
+        'mode="soft",',
+        ("tests/train/test_trainer.py::test_a_hard_train_selection_mode_is_the_mode_every_training_step_patches_with",),
+    ),
+    Mutation(
         "the selection temperature never annealed",
         "hyperdas/model.py",
         "self.selection_temperature = start + (end - start) * fraction",

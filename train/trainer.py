@@ -282,7 +282,9 @@ class Trainer:
             if states is None and self.data.states is not None and self.setup.world_size > 1:
                 # every process must run the same forwards under ZeRO-3: a live pass on one alone would hang
                 raise RuntimeError(f"state cache miss on process {self.setup.rank}: it holds this process's shards")
-            out = engine.forward(batch, loss_weights=weights, states=states)
+            out = engine.forward(
+                batch, mode=self.config.model.train_selection_mode, loss_weights=weights, states=states
+            )
             engine.backward(out.loss)
             grad_norm = engine.step()
             losses.append(out.loss.item())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperdas.selection import apply_selection_mode, sharpen
+from hyperdas.selection import apply_selection_mode, sharpen, straight_through
 
 # rows: source 0, 1, 2, SELF; columns: base 0..3. Every column sums to 1.
 A = torch.tensor(
@@ -133,3 +133,15 @@ def test_sharpen_is_the_softmax_of_the_logits_over_tau(temperature):
 def test_a_low_temperature_makes_soft_columns_their_argmax():
     hard = apply_selection_mode(A, "column_argmax", ALL_BASE, ALL_SOURCE)
     torch.testing.assert_close(sharpen(A, 0.01), hard, atol=1e-6, rtol=0)
+
+
+def test_straight_through_is_the_hard_value_exactly_and_passes_the_gradient_to_the_soft_selection():
+    """Value: the one-hot columns bit for bit (the patch is the hard mode's). Gradient: whatever reaches the
+    selection goes to A unchanged, as if A had been used at the hard point."""
+    soft = A.clone().requires_grad_(True)
+    hard = apply_selection_mode(soft, "column_argmax", ALL_BASE, ALL_SOURCE)
+    selection = straight_through(hard, soft)
+    assert torch.equal(selection.detach(), one_hot_columns([1, 0, 3, 3]))
+    upstream = torch.arange(16.0).view(1, 4, 4) - 7.5
+    selection.backward(upstream)
+    torch.testing.assert_close(soft.grad, upstream, rtol=0, atol=0)

@@ -368,3 +368,32 @@ def test_the_engine_clips_the_gradient_norm_to_grad_clip(tiny_run, monkeypatch):
         else:
             assert seen[-1] == pytest.approx(before, rel=1e-6)
     assert seen[0] == pytest.approx(4.0, rel=1e-5) and seen[1] < 4.0
+
+
+def test_a_hard_train_selection_mode_is_the_mode_every_training_step_patches_with(tiny_run, monkeypatch):
+    """train_selection_mode=bidding_argmax: each micro-batch's forward selects in that mode (straight through),
+    and the head still learns (its weights move, which the hard selection alone could not make them do)."""
+    config, setup = tiny_run
+    config.model.train_selection_mode = "bidding_argmax"
+    seen = []
+    real_select = HyperDAS.select
+
+    def recording(self, batch, encoded, mode):
+        seen.append((mode, torch.is_grad_enabled()))
+        return real_select(self, batch, encoded, mode)
+
+    monkeypatch.setattr(HyperDAS, "select", recording)
+    trainer = Trainer(config, setup)
+    trainer.prepare()
+    head = trainer.engine.model.selection_head.query_proj.weight
+    before = head.detach().clone()
+    trainer.train()
+    assert seen == [("bidding_argmax", True)] * (5 * 2)  # 5 steps of 2 micro-batches
+    assert not torch.equal(head.detach(), before)
+
+
+def test_groundtruth_is_refused_as_the_train_selection_mode(tiny_run):
+    config, _ = tiny_run
+    config.model.train_selection_mode = "groundtruth"
+    with pytest.raises(ValueError, match=r"train_selection_mode groundtruth .*allowed: \['soft', 'column_argmax'"):
+        config.model.validate()
