@@ -84,6 +84,8 @@ class AttentionKernel(StrEnum):
 
 SUBSPACE_MODULES = tuple(m.value for m in SubspaceModule)
 SELECTION_MODES = tuple(m.value for m in SelectionMode)
+#: the splits an evaluation reads: the held-out templates (the result) or the pairs trained on
+EVAL_SPLITS = ("test", "train")
 
 
 def check_type(value, hint, name: str):

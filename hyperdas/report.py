@@ -85,17 +85,25 @@ def position_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def render_report(metrics: dict, history: list[dict], run_config, figures: dict[str, str] | None = None) -> str:
+def render_report(
+    metrics: dict, history: list[dict], run_config, figures: dict[str, str] | None = None, split: str = "test"
+) -> str:
     """report.md: results beside floor and ceiling, selection statistics, training summary, figures, config.
 
     Args:
         figures: "heatmap", "positions", "pca" -> file names of the figures written beside the report.
+        split: the rows evaluated; "train" is said in the title and the first line, so it is not read as a result.
     """
     figures = figures or {}
+    rows = (
+        "Held-out templates (test split)"
+        if split == "test"
+        else f"The {split} split: pairs the model was TRAINED on, not a result; compare with the test split's report"
+    )
     parts = [
-        "# HyperDAS run report",
+        "# HyperDAS run report" + ("" if split == "test" else f" ({split} split)"),
         "",
-        "Held-out templates (test split), teacher-forced exact match of the "
+        f"{rows}, teacher-forced exact match of the "
         "first 3 label tokens. Overall = mean over attributes; disentangle = (cause + isolate) / 2.",
         "",
     ]

@@ -2,8 +2,9 @@
 
 DIR is a run folder (written by `hyperdas train` or train/launch.py), its model/ folder, or any model folder in
 the ``HyperDAS.save_pretrained`` format. A run's own data (its run config) is evaluated; a bare model folder
-is evaluated on the main job's data with the model's target. Results go to DIR/eval/ unless --out says
-otherwise; the floor and the ceiling are always evaluated beside the modes.
+is evaluated on the main job's data with the model's target. Results go to DIR/eval/ (DIR/eval-train/ for
+``--split train``, the pairs trained on) unless --out says otherwise; the floor and the ceiling are always
+evaluated beside the modes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hyperdas.config import SELECTION_MODES
+from hyperdas.config import EVAL_SPLITS, SELECTION_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=None, help="evaluate on another target (must match the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per forward")
     parser.add_argument(
-        "--max-examples", type=int, default=None, help="this many test examples, spread over attributes and kinds"
+        "--max-examples", type=int, default=None, help="this many examples, spread over attributes and kinds"
     )
-    parser.add_argument("--out", default=None, help="results folder (default: CHECKPOINT/eval)")
+    parser.add_argument(
+        "--split",
+        choices=EVAL_SPLITS,
+        default="test",
+        help="test: the held-out templates (the result); train: the pairs trained on (how much of the fit generalises)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="results folder (default: CHECKPOINT/eval, CHECKPOINT/eval-train for --split train)"
+    )
 
 
 def _check_arguments(args: argparse.Namespace) -> list[str]:
@@ -91,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
         args.max_examples,
         config.heatmap_examples,
         seed=config.seed,
+        split=args.split,
     )
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    default_out = "eval" if args.split == "test" else f"eval-{args.split}"
+    out = Path(args.out) if args.out else Path(args.checkpoint) / default_out
     write_evaluation(result, out, history=[], run_config=config)
     print(metrics_table(result.metrics))
     print(f"\nresults: {out}")

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from hyperdas.config import EVAL_SPLITS
 from hyperdas.data.batch import PairBatch
 from hyperdas.metrics import label_exact_match, records_from_batch, summarize
 from hyperdas.model import CEILING, FLOOR
@@ -57,12 +58,13 @@ class Analysis:
 
 @dataclass
 class Evaluation:
-    """metrics: {floor, ceiling, mode...: summarize(...)}; heatmaps: soft selections of a few test pairs;
-    analysis: the subspace vectors (None for a module without per-example vectors)."""
+    """metrics: {floor, ceiling, mode...: summarize(...)}; heatmaps: soft selections of a few evaluated pairs;
+    analysis: the subspace vectors (None for a module without per-example vectors); split: the rows evaluated."""
 
     metrics: dict
     heatmaps: list[dict] = field(default_factory=list)
     analysis: Analysis | None = None
+    split: str = "test"
 
 
 def spread_indices(rows, limit: int | None, seed: int = 0) -> list[int]:
@@ -110,8 +112,9 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
+    split: str = "test",
 ) -> Evaluation:
-    """Exact match of the first 3 label tokens (teacher-forced) on the test split, per mode and reference.
+    """Exact match of the first 3 label tokens (teacher-forced) on one split, per mode and reference.
 
     Args:
         engine: anything with ``evaluate_batch(batch, modes)`` (a training engine).
@@ -123,12 +126,17 @@ def evaluate(
             mass lands most on the base entity and half whose lands least (``pick_heatmap_pairs``).
         rank, world_size: this process's place; each evaluates its shard.
         seed: seeds which examples a ``max_examples`` subset and the heatmap take.
+        split: "test" (held-out templates: the result) or "train" (the pairs trained on: beside the test
+            split's score it measures how much of the fit generalises).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    chosen = spread_indices(data.test, max_examples, seed)
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split {split!r} is not one of {list(EVAL_SPLITS)}")
+    rows = getattr(data, split)
+    chosen = spread_indices(rows, max_examples, seed)
     if not chosen:
-        raise ValueError("the test split is empty: nothing to evaluate")
+        raise ValueError(f"the {split} split is empty: nothing to evaluate")
     mine = _shard(chosen, rank, world_size)
     model = engine.model
     was_training = model.training
@@ -143,7 +151,7 @@ def evaluate(
     try:
         for start in tqdm(range(0, len(mine), batch_size), desc="eval", disable=rank != 0, leave=False):
             indices = mine[start : start + batch_size]
-            batch = data.collate(data.test, indices)
+            batch = data.collate(rows, indices)
             out = engine.evaluate_batch(batch, modes)
             for name in names:
                 logits, selection = out.logits[name], out.selections[name]
@@ -186,7 +194,7 @@ def evaluate(
             share = row["base_entity_share"]
             on_entity = "nothing moved" if share is None else f"{100 * share:.0f}% of moved mass on the base entity"
             pictured.append(entry | {"title": f"{entry['title']}: {on_entity}"})
-    return Evaluation(metrics, pictured, analysis)
+    return Evaluation(metrics, pictured, analysis, split)
 
 
 def pick_heatmap_pairs(rows: list[dict], count: int) -> list[dict]:
@@ -267,4 +275,5 @@ def write_evaluation(result: Evaluation, out_dir: Path, history: list[dict], run
         name, vectors = next(iter(result.analysis.vectors.items()))
         save_pca_plot(vectors, result.analysis.labels, name, out_dir / PCA_FILE)
         figures["pca"] = PCA_FILE
-    (out_dir / REPORT_FILE).write_text(render_report(result.metrics, history, run_config, figures))
+    report = render_report(result.metrics, history, run_config, figures, split=result.split)
+    (out_dir / REPORT_FILE).write_text(report)

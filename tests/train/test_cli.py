@@ -73,6 +73,44 @@ def test_eval_reads_a_saved_checkpoint_and_writes_results(smollm2, tmp_path, mon
     assert "| groundtruth | **overall** |" in capsys.readouterr().out
 
 
+def test_an_unknown_eval_split_is_refused_naming_the_allowed_ones(capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's own refusal, before anything is loaded
+        main(["eval", "--checkpoint", "/r", "--split", "dev"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--split: invalid choice: 'dev'" in err and "test" in err and "train" in err
+
+
+def test_eval_of_the_train_split_reads_the_trained_pairs_and_says_so(smollm2, tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    from hyperdas.config import HyperDASConfig
+    from hyperdas.data.collate import Collator
+    from hyperdas.data.examples import make_examples
+    from hyperdas.model import HyperDAS
+    from hyperdas.train import data_source
+    from hyperdas.train.data_source import RunData
+
+    HyperDAS(HyperDASConfig(intervention_layer=5, chop_editor_at_layer=1, das_dimension=8), smollm2).save_pretrained(
+        tmp_path / "ckpt"
+    )
+    rows = make_examples("city", ["Continent"], n_per_kind=3, seed=1)
+    train = [r for r in rows if r["split"] == "train"][:5]  # 5 train rows against 6 test rows
+    test = [r for r in rows if r["split"] == "test"]
+    assert len(train) != len(test)
+
+    def fake_data(config, target, setup):
+        return RunData(Dataset.from_list(train), Dataset.from_list(test), Collator(target.tokenizer), tmp_path)
+
+    monkeypatch.setattr(data_source, "load_run_data", fake_data)
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--modes", "soft", "--split", "train"]) == 0
+    out = tmp_path / "ckpt" / "eval-train"
+    overall = json.loads((out / "metrics.json").read_text())["soft"]["overall"]
+    assert overall["n_causal"] + overall["n_isolate"] == len(train)
+    assert "pairs the model was TRAINED on, not a result" in (out / "report.md").read_text()
+    assert not (tmp_path / "ckpt" / "eval").exists()
+
+
 def test_eval_of_a_runs_model_folder_uses_the_runs_data(smollm2, tmp_path, monkeypatch, capsys):
     from datasets import Dataset
 
