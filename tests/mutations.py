@@ -173,6 +173,13 @@ MUTATIONS = (
         ("tests/train/test_trainer.py::test_a_hard_train_selection_mode_is_the_mode_every_training_step_patches_with",),
     ),
     Mutation(
+        "hyperdas eval --split train scoring the test split",
+        "train/evaluate.py",
+        "rows = getattr(data, split)",
+        "rows = data.test",
+        ("tests/train/test_cli.py::test_eval_of_the_train_split_reads_the_trained_pairs_and_says_so",),
+    ),
+    Mutation(
         "the selection temperature never annealed",
         "hyperdas/model.py",
         "self.selection_temperature = start + (end - start) * fraction",
