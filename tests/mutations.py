@@ -175,8 +175,8 @@ MUTATIONS = (
     Mutation(
         "hyperdas eval --split train scoring the test split",
         "train/evaluate.py",
-        "rows = getattr(data, split)",
-        "rows = data.test",
+        "split_rows = getattr(data, split)",
+        "split_rows = data.test",
         ("tests/train/test_cli.py::test_eval_of_the_train_split_reads_the_trained_pairs_and_says_so",),
     ),
     Mutation(

@@ -133,8 +133,8 @@ def evaluate(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if split not in EVAL_SPLITS:
         raise ValueError(f"split {split!r} is not one of {list(EVAL_SPLITS)}")
-    rows = getattr(data, split)
-    chosen = spread_indices(rows, max_examples, seed)
+    split_rows = getattr(data, split)
+    chosen = spread_indices(split_rows, max_examples, seed)
     if not chosen:
         raise ValueError(f"the {split} split is empty: nothing to evaluate")
     mine = _shard(chosen, rank, world_size)
@@ -151,7 +151,7 @@ def evaluate(
     try:
         for start in tqdm(range(0, len(mine), batch_size), desc="eval", disable=rank != 0, leave=False):
             indices = mine[start : start + batch_size]
-            batch = data.collate(rows, indices)
+            batch = data.collate(split_rows, indices)
             out = engine.evaluate_batch(batch, modes)
             for name in names:
                 logits, selection = out.logits[name], out.selections[name]

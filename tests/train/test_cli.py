@@ -103,7 +103,8 @@ def test_eval_of_the_train_split_reads_the_trained_pairs_and_says_so(smollm2, tm
         return RunData(Dataset.from_list(train), Dataset.from_list(test), Collator(target.tokenizer), tmp_path)
 
     monkeypatch.setattr(data_source, "load_run_data", fake_data)
-    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--modes", "soft", "--split", "train"]) == 0
+    argv = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--modes", "soft", "--split", "train", "--batch-size", "2"]
+    assert main(argv) == 0  # three batches: the split's rows must last the whole loop
     out = tmp_path / "ckpt" / "eval-train"
     overall = json.loads((out / "metrics.json").read_text())["soft"]["overall"]
     assert overall["n_causal"] + overall["n_isolate"] == len(train)

@@ -69,7 +69,7 @@ def tiny_run(monkeypatch, tmp_path, smollm2):
             "micro_batch_size=2",
             "max_steps=5",
             "save_every=2",
-            "eval_batch_size=8",
+            "eval_batch_size=3",  # several evaluation batches: state must last the loop
             "eval_modes=[soft,column_argmax,groundtruth]",
             "heatmap_examples=2",
             f"out_dir={tmp_path / 'run'}",
