@@ -180,6 +180,15 @@ MUTATIONS = (
         ("tests/train/test_cli.py::test_eval_of_the_train_split_reads_the_trained_pairs_and_says_so",),
     ),
     Mutation(
+        "the evaluation loop reusing its split's name for a batch's statistics (crashed past one batch)",
+        "train/evaluate.py",
+        "rows = selection_stats(selection.float().cpu(), batch)\n"
+        '                    stats[name].extend(r | {"index": i} for i, r in zip(indices, rows, strict=True))',
+        "split_rows = selection_stats(selection.float().cpu(), batch)\n"
+        '                    stats[name].extend(r | {"index": i} for i, r in zip(indices, split_rows, strict=True))',
+        ("tests/train/test_trainer.py::test_run_writes_the_run_folder",),
+    ),
+    Mutation(
         "the selection temperature never annealed",
         "hyperdas/model.py",
         "self.selection_temperature = start + (end - start) * fraction",
