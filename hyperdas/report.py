@@ -95,7 +95,7 @@ def render_report(
         split: the rows evaluated; "train" is said in the title and the first line, so it is not read as a result.
     """
     figures = figures or {}
-    rows = (
+    evaluated = (
         "Held-out templates (test split)"
         if split == "test"
         else f"The {split} split: pairs the model was TRAINED on, not a result; compare with the test split's report"
@@ -103,7 +103,7 @@ def render_report(
     parts = [
         "# HyperDAS run report" + ("" if split == "test" else f" ({split} split)"),
         "",
-        f"{rows}, teacher-forced exact match of the "
+        f"{evaluated}, teacher-forced exact match of the "
         "first 3 label tokens. Overall = mean over attributes; disentangle = (cause + isolate) / 2.",
         "",
     ]

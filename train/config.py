@@ -138,7 +138,6 @@ class RunConfig:
     save_every: int = 100
     #: a plain log line every this many steps (for non-interactive logs; the progress bar is live).
     log_every: int = 10
-
     #: number of test pairs drawn in the selection heatmap.
     heatmap_examples: int = 4
     #: a run folder to continue from its last checkpoint (same data order).
