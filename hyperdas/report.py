@@ -85,14 +85,39 @@ def position_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def curve_table(points: list[dict]) -> str:
+    """Markdown: the learning curve (train.learning_curve), one row per point, soft beside the floor per split."""
+    lines = [
+        "| step | train split: soft (cause / isolate / disentangle) | train floor | test split: soft | test floor |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def cells(entry: dict) -> str:
+        return " / ".join(_pct(entry[key]) for key in ("cause", "isolate", "disentangle"))
+
+    for point in points:
+        train, test = point["train"], point["test"]
+        lines.append(
+            f"| {point['step']} | {cells(train['soft'])} | {_pct(train['floor']['disentangle'])} "
+            f"| {cells(test['soft'])} | {_pct(test['floor']['disentangle'])} |"
+        )
+    return "\n".join(lines)
+
+
 def render_report(
-    metrics: dict, history: list[dict], run_config, figures: dict[str, str] | None = None, split: str = "test"
+    metrics: dict,
+    history: list[dict],
+    run_config,
+    figures: dict[str, str] | None = None,
+    split: str = "test",
+    curve: list[dict] | None = None,
 ) -> str:
     """report.md: results beside floor and ceiling, selection statistics, training summary, figures, config.
 
     Args:
-        figures: "heatmap", "positions", "pca" -> file names of the figures written beside the report.
+        figures: "heatmap", "positions", "pca", "curve" -> file names of the figures written beside the report.
         split: the rows evaluated; "train" is said in the title and the first line, so it is not read as a result.
+        curve: the learning curve's points (train.learning_curve), if the run took any.
     """
     figures = figures or {}
     evaluated = (
@@ -138,6 +163,19 @@ def render_report(
             f"(cross-entropy {first['ce']:.3f} -> {last['ce']:.3f}). Per-step log: train_log.jsonl.",
             "",
         ]
+    if curve:
+        parts += [
+            "## Learning curve",
+            "",
+            f"Soft mode and the floor, overall, on the same pairs of each split at every point "
+            f"({curve[0]['train']['pairs']} train and {curve[0]['test']['pairs']} test pairs; "
+            "learning_curve.jsonl): the train split's pairs were trained on, the test split's templates never "
+            "were. Where train rises and test does not, the editor memorises.",
+            "",
+            curve_table(curve),
+            "",
+        ]
+        parts += [f"![curve]({figures['curve']})", ""] if "curve" in figures else []
     if "pca" in figures:
         parts += [
             "## The subspaces chosen per example",
@@ -247,6 +285,29 @@ def save_position_plot(metrics: dict, path: Path) -> None:
         ax.set_title(f"{side} positions ({'where it lands' if side == 'base' else 'where it comes from'})")
     axes[0].set_ylabel("share of moved mass")
     axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_curve_plot(points: list[dict], path: Path) -> None:
+    """Disentangle against step, soft on each split, with each split's floor dashed (train.learning_curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [p["step"] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for split, colour in (("train", "tab:blue"), ("test", "tab:orange")):
+        soft = [100 * p[split]["soft"]["disentangle"] for p in points]
+        floor = [100 * p[split]["floor"]["disentangle"] for p in points]
+        ax.plot(steps, soft, "o-", color=colour, label=f"{split}: soft")
+        ax.plot(steps, floor, "--", color=colour, alpha=0.6, label=f"{split}: floor")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("disentangle (%)")
+    ax.set_title("learning curve: trained-on pairs vs held-out templates")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

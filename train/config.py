@@ -38,6 +38,8 @@ RESUMABLE = (
     "eval_modes",
     "heatmap_examples",
     "state_cache",
+    "curve_every",
+    "curve_examples",
 )
 
 _DATA = DataRequest()
@@ -140,6 +142,11 @@ class RunConfig:
     log_every: int = 10
     #: number of test pairs drawn in the selection heatmap.
     heatmap_examples: int = 4
+    #: a learning-curve point (soft and floor on both splits, train/learning_curve.py) every this many steps,
+    #: and at the first and last step; 0 = none. It does not change training; it costs evaluation time.
+    curve_every: int = 0
+    #: pairs per split at each learning-curve point, spread over attributes and kinds (the same at every point).
+    curve_examples: int = 96
     #: a run folder to continue from its last checkpoint (same data order).
     resume: str | None = None
     #: a DeepSpeed JSON config (a path, or a file name in train/configs/); None = single-process PyTorch.
@@ -189,6 +196,10 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
         if self.heatmap_examples < 0:
             raise ValueError(f"heatmap_examples must be >= 0, got {self.heatmap_examples}")
+        if self.curve_every < 0:
+            raise ValueError(f"curve_every must be >= 0 (0: no learning curve), got {self.curve_every}")
+        if self.curve_examples < 1:
+            raise ValueError(f"curve_examples must be >= 1, got {self.curve_examples}")
         for name in ("editor_lr", "rotation_lr", "mask_lr"):
             if not getattr(self.optim, name) > 0:
                 raise ValueError(f"optim.{name} must be > 0, got {getattr(self.optim, name)}")

@@ -31,7 +31,13 @@ from hyperdas.config import EVAL_SPLITS
 from hyperdas.data.batch import PairBatch
 from hyperdas.metrics import label_exact_match, records_from_batch, summarize
 from hyperdas.model import CEILING, FLOOR
-from hyperdas.report import render_report, save_pca_plot, save_position_plot, save_selection_heatmaps
+from hyperdas.report import (
+    render_report,
+    save_curve_plot,
+    save_pca_plot,
+    save_position_plot,
+    save_selection_heatmaps,
+)
 from hyperdas.selection_stats import selection_stats, summarize_selection
 
 METRICS_FILE = "metrics.json"
@@ -40,6 +46,7 @@ HEATMAP_FILE = "selection_heatmap.png"
 POSITIONS_FILE = "selection_positions.png"
 ANALYSIS_FILE = "subspace_analysis.safetensors"
 PCA_FILE = "subspace_pca.png"
+CURVE_PLOT = "learning_curve.png"
 REFERENCES = (FLOOR, CEILING)
 
 
@@ -253,9 +260,11 @@ def _decoded(entry: dict, tokenizer) -> dict:
     }
 
 
-def write_evaluation(result: Evaluation, out_dir: Path, history: list[dict], run_config) -> None:
-    """metrics.json, report.md, the selection heatmap and position plots, and the subspace analysis (saved before
-    anything is printed)."""
+def write_evaluation(
+    result: Evaluation, out_dir: Path, history: list[dict], run_config, curve: list[dict] | None = None
+) -> None:
+    """metrics.json, report.md, the selection heatmap and position plots, the subspace analysis (saved before
+    anything is printed), and the learning curve's plot when ``curve`` holds points (train/learning_curve.py)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -275,5 +284,8 @@ def write_evaluation(result: Evaluation, out_dir: Path, history: list[dict], run
         name, vectors = next(iter(result.analysis.vectors.items()))
         save_pca_plot(vectors, result.analysis.labels, name, out_dir / PCA_FILE)
         figures["pca"] = PCA_FILE
-    report = render_report(result.metrics, history, run_config, figures, split=result.split)
+    if curve:
+        save_curve_plot(curve, out_dir / CURVE_PLOT)
+        figures["curve"] = CURVE_PLOT
+    report = render_report(result.metrics, history, run_config, figures, split=result.split, curve=curve)
     (out_dir / REPORT_FILE).write_text(report)

@@ -27,7 +27,8 @@ from hyperdas.targets import target_config
 from hyperdas.train.config import RUN_CONFIG_FILE, RunConfig, load_run_config, save_run_config
 from hyperdas.train.data_source import RunData, cache_train_states, load_run_data
 from hyperdas.train.engine import PlainEngine, TrainingEngine, micro_batch_plan
-from hyperdas.train.evaluate import evaluate, write_evaluation
+from hyperdas.train.evaluate import CURVE_PLOT, evaluate, write_evaluation
+from hyperdas.train.learning_curve import CURVE_FILE, curve_point, write_curve
 from hyperdas.train.schedule import TrainingSchedule
 
 CHECKPOINTS = "checkpoints"
@@ -137,6 +138,8 @@ class TrainState:
     step: int = 0
     elapsed_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    #: learning-curve points taken so far (train/learning_curve.py); [] without ``curve_every``.
+    curve: list[dict] = field(default_factory=list)
 
 
 class Trainer:
@@ -241,6 +244,8 @@ class Trainer:
         started = time.perf_counter() - state.elapsed_seconds
         interrupted = _InterruptFlag()
         try:
+            if state.step == 0:
+                started += self._take_curve_point(bar)
             while state.step < total and not interrupted.raised:
                 epoch, within = divmod(state.step, self.steps_per_epoch)
                 indices = self.epoch_batches(epoch)[within]
@@ -251,6 +256,8 @@ class Trainer:
                 state.history.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}")
+                if cfg.curve_every and (state.step % cfg.curve_every == 0 or state.step == total):
+                    started += self._take_curve_point(bar)  # the curve's time is not training time
                 if state.step % cfg.log_every == 0 and self.setup.is_main:
                     left = state.elapsed_seconds / state.step * (total - state.step) if state.step else 0.0
                     bar.write(
@@ -266,6 +273,31 @@ class Trainer:
         self.save_checkpoint()
         if interrupted.raised:
             raise KeyboardInterrupt(f"interrupted; checkpoint saved at step {state.step} in {self.out_dir}")
+
+    def _take_curve_point(self, bar) -> float:
+        """A learning-curve point at the current step (once per step, only with ``curve_every``); its seconds."""
+        cfg, state = self.config, self.state
+        if not cfg.curve_every or (state.curve and state.curve[-1]["step"] == state.step):
+            return 0.0
+        point = curve_point(
+            self.engine,
+            self.data,
+            state.step,
+            cfg.curve_examples,
+            cfg.eval_batch_size,
+            self.setup.rank,
+            self.setup.world_size,
+            cfg.seed,
+        )
+        state.curve.append(point)
+        if self.setup.is_main:
+            cells = "  ".join(
+                f"{split} soft {100 * point[split]['soft']['disentangle']:.1f} "
+                f"(floor {100 * point[split]['floor']['disentangle']:.1f})"
+                for split in ("train", "test")
+            )
+            bar.write(f"curve at step {state.step}: {cells}, {point['seconds']:.0f} s")
+        return point["seconds"]
 
     def _one_step(self, indices: list[int]) -> dict:
         engine = self.engine
@@ -348,6 +380,8 @@ class Trainer:
             with open(self.out_dir / TRAIN_LOG, "w") as log:
                 for record in self.state.history:
                     log.write(json.dumps(record) + "\n")
+            if self.state.curve:
+                write_curve(self.state.curve, self.out_dir)
             # keep this one and the one before it; later steps (a timeline resumed from an earlier checkpoint)
             # and older ones go
             steps = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".partial")
@@ -375,7 +409,7 @@ class Trainer:
             seed=cfg.seed,
         )
         if self.setup.is_main:
-            write_evaluation(result, self.out_dir, history=self.state.history, run_config=cfg)
+            write_evaluation(result, self.out_dir, history=self.state.history, run_config=cfg, curve=self.state.curve)
         self.setup.barrier()
         return result.metrics
 
@@ -385,6 +419,8 @@ RUN_OUTPUTS = (
     CHECKPOINTS,
     FINAL_MODEL,
     TRAIN_LOG,
+    CURVE_FILE,
+    CURVE_PLOT,
     RUN_CONFIG_FILE,
     "metrics.json",
     "report.md",

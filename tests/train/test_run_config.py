@@ -38,6 +38,8 @@ from hyperdas.train.config import CONFIG_DIR, load_run_config, resolve_deepspeed
         ("state_cache=ram", "config key state_cache: Invalid value 'ram', expected one of [auto, memory, disk, off]"),
         ("model.use_fused_kernels=true", "model.use_fused_kernels=true needs a CUDA device"),
         ("global_batch_size=0", "global_batch_size must be >= 1"),
+        ("curve_every=-5", "curve_every must be >= 0 (0: no learning curve), got -5"),
+        ("curve_examples=0", "curve_examples must be >= 1, got 0"),
         ("epochs", "override 'epochs' is not of the form key=value"),
     ],
 )

@@ -154,11 +154,8 @@ def test_run_writes_the_run_folder(tiny_run):
     )
 
 
-def test_a_crash_loses_only_the_steps_since_the_last_checkpoint(tiny_run, tmp_path, monkeypatch):
-    config, setup = tiny_run
-    uninterrupted = _losses(_train_only(config, setup).out_dir)
-
-    config.out_dir = str(tmp_path / "crashed")
+def _crash_in_step_4(config, setup, monkeypatch) -> None:
+    """Train ``config`` until its 4th step raises (a simulated crash); the real step is put back after."""
     real_step = Trainer._one_step
 
     def crash_in_step_4(self, indices):
@@ -170,6 +167,14 @@ def test_a_crash_loses_only_the_steps_since_the_last_checkpoint(tiny_run, tmp_pa
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train_only(config, setup)
     monkeypatch.setattr(Trainer, "_one_step", real_step)
+
+
+def test_a_crash_loses_only_the_steps_since_the_last_checkpoint(tiny_run, tmp_path, monkeypatch):
+    config, setup = tiny_run
+    uninterrupted = _losses(_train_only(config, setup).out_dir)
+
+    config.out_dir = str(tmp_path / "crashed")
+    _crash_in_step_4(config, setup, monkeypatch)
     assert (tmp_path / "crashed" / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
     saved = tmp_path / "crashed" / "run_config.yaml"
@@ -397,3 +402,74 @@ def test_groundtruth_is_refused_as_the_train_selection_mode(tiny_run):
     config.model.train_selection_mode = "groundtruth"
     with pytest.raises(ValueError, match=r"train_selection_mode groundtruth .*allowed: \['soft', 'column_argmax'"):
         config.model.validate()
+
+
+def _trained_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.engine.model.trained_state_dict().items()}
+
+
+def test_a_learning_curve_changes_nothing_about_training_and_scores_the_model_of_its_step(tiny_run, tmp_path):
+    from hyperdas.train.evaluate import evaluate
+    from hyperdas.train.learning_curve import read_curve
+
+    config, setup = tiny_run
+    plain = _train_only(config, setup)
+    plain_log = [json.loads(line) for line in (plain.out_dir / "train_log.jsonl").read_text().splitlines()]
+    plain_weights = _trained_weights(plain)
+    assert not (plain.out_dir / "learning_curve.jsonl").exists()
+
+    config.out_dir, config.curve_every, config.curve_examples = str(tmp_path / "curved"), 2, 7
+    curved = Trainer(config, setup)
+    curved.run()
+    out = curved.out_dir
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # bitwise: every logged value but the clock, and every trained weight
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in log] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in plain_log
+    ]
+    weights = _trained_weights(curved)
+    assert weights.keys() == plain_weights.keys()
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)
+
+    points = read_curve(out)
+    assert [p["step"] for p in points] == [0, 2, 4, 5]  # the first step, every curve_every, the last
+    assert points == curved.state.curve
+    for p in points:
+        for split in ("train", "test"):
+            assert p[split]["pairs"] == min(7, len(getattr(curved.data, split)))
+            soft = p[split]["soft"]
+            assert soft["disentangle"] == pytest.approx((soft["cause"] + soft["isolate"]) / 2)
+    # the floor does not move with training: the same pairs, no intervention
+    assert all(p[s]["floor"] == points[0][s]["floor"] for p in points for s in ("train", "test"))
+    # the last point is the exported model's score on the same pairs, loaded afresh from model/
+    exported = PlainEngine(HyperDAS.from_pretrained(out / "model", target=curved.engine.model.target), config)
+    for split in ("train", "test"):
+        fresh = evaluate(exported, curved.data, ["soft"], 3, max_examples=7, heatmap_examples=0, seed=0, split=split)
+        overall = fresh.metrics["soft"]["overall"]
+        assert {k: overall[k] for k in ("cause", "isolate", "disentangle")} == points[-1][split]["soft"]
+    report = (out / "report.md").read_text()
+    assert "## Learning curve" in report and "![curve](learning_curve.png)" in report
+    assert len([line for line in report.split("## Learning curve")[1].splitlines() if line.startswith("| 5 |")]) == 1
+    assert (out / "learning_curve.png").is_file()
+
+
+def test_a_resumed_run_continues_its_learning_curve(tiny_run, tmp_path, monkeypatch):
+    from hyperdas.train.learning_curve import read_curve
+
+    config, setup = tiny_run
+    config.curve_every, config.curve_examples = 2, 5
+    whole = read_curve(_train_only(config, setup).out_dir)
+
+    config.out_dir = str(tmp_path / "crashed")
+    _crash_in_step_4(config, setup, monkeypatch)
+    assert [p["step"] for p in read_curve(tmp_path / "crashed")] == [0, 2]  # what the step-2 checkpoint holds
+
+    resumed = Trainer(
+        load_run_config(tmp_path / "crashed" / "run_config.yaml", [f"resume={tmp_path / 'crashed'}"]), setup
+    )
+    resumed.prepare()
+    resumed.train()
+    again = read_curve(tmp_path / "crashed")
+    assert [p["step"] for p in again] == [0, 2, 4, 5]
+    strip = [{k: v for k, v in p.items() if k != "seconds"} for p in again]
+    assert strip == [{k: v for k, v in p.items() if k != "seconds"} for p in whole]
