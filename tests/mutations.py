@@ -36,6 +36,9 @@ class Mutation:
 
 
 MODEL_VS_ORACLE = "tests/hyperdas/test_model.py::test_two_pass_step_equals_literal_four_pass"
+CURVE_VS_PLAIN_RUN = (
+    "tests/train/test_trainer.py::test_a_learning_curve_changes_nothing_about_training_and_scores_the_model_of_its_step"
+)
 
 MUTATIONS = (
     Mutation(
@@ -257,6 +260,20 @@ MUTATIONS = (
         "        super()._apply(fn, recurse)\n        self._set_attention_kernel()",
         "        super()._apply(fn, recurse)",
         ("tests/hyperdas/test_targets.py",),
+    ),
+    Mutation(
+        "the learning curve scores the test split for both splits",
+        "train/learning_curve.py",
+        "                split=split,\n",
+        '                split="test",\n',
+        (CURVE_VS_PLAIN_RUN,),
+    ),
+    Mutation(
+        "checkpoints leave the learning curve out, so a resumed run loses its earlier points",
+        "train/trainer.py",
+        "self.engine.save(partial, client_state=self.state.__dict__.copy())",
+        'self.engine.save(partial, client_state={k: v for k, v in self.state.__dict__.items() if k != "curve"})',
+        ("tests/train/test_trainer.py::test_a_resumed_run_continues_its_learning_curve",),
     ),
 )
 

@@ -408,9 +408,20 @@ def _trained_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.engine.model.trained_state_dict().items()}
 
 
-def test_a_learning_curve_changes_nothing_about_training_and_scores_the_model_of_its_step(tiny_run, tmp_path):
+def test_a_learning_curve_changes_nothing_about_training_and_scores_the_model_of_its_step(
+    tiny_run, tmp_path, monkeypatch
+):
+    from hyperdas.train import learning_curve
     from hyperdas.train.evaluate import evaluate
     from hyperdas.train.learning_curve import read_curve
+
+    asked = []  # (split, max_examples, modes) of every evaluation a point makes
+
+    def recording_evaluate(engine, data, modes, batch_size, **kwargs):
+        asked.append((kwargs["split"], kwargs["max_examples"], tuple(modes)))
+        return evaluate(engine, data, modes, batch_size, **kwargs)
+
+    monkeypatch.setattr(learning_curve, "evaluate", recording_evaluate)
 
     config, setup = tiny_run
     plain = _train_only(config, setup)
@@ -433,6 +444,7 @@ def test_a_learning_curve_changes_nothing_about_training_and_scores_the_model_of
 
     points = read_curve(out)
     assert [p["step"] for p in points] == [0, 2, 4, 5]  # the first step, every curve_every, the last
+    assert asked == [("train", 7, ("soft",)), ("test", 7, ("soft",))] * 4  # each point scores both splits
     assert points == curved.state.curve
     for p in points:
         for split in ("train", "test"):
