@@ -67,13 +67,6 @@ def curve_point(engine, data, step: int, examples: int, batch_size: int, rank: i
     return point
 
 
-def write_curve(points: list[dict], out_dir: Path) -> None:
-    """learning_curve.jsonl, one point per line (rewritten whole: a resumed run's points are the checkpoint's)."""
-    with open(Path(out_dir) / CURVE_FILE, "w") as out:
-        for point in points:
-            out.write(json.dumps(point) + "\n")
-
-
 def read_curve(out_dir: Path) -> list[dict]:
     """The points a run folder holds ([] when it has no curve)."""
     path = Path(out_dir) / CURVE_FILE

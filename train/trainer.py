@@ -28,7 +28,7 @@ from hyperdas.train.config import RUN_CONFIG_FILE, RunConfig, load_run_config, s
 from hyperdas.train.data_source import RunData, cache_train_states, load_run_data
 from hyperdas.train.engine import PlainEngine, TrainingEngine, micro_batch_plan
 from hyperdas.train.evaluate import CURVE_PLOT, evaluate, write_evaluation
-from hyperdas.train.learning_curve import CURVE_FILE, curve_point, write_curve
+from hyperdas.train.learning_curve import CURVE_FILE, CURVE_SPLITS, curve_point
 from hyperdas.train.schedule import TrainingSchedule
 
 CHECKPOINTS = "checkpoints"
@@ -294,7 +294,7 @@ class Trainer:
             cells = "  ".join(
                 f"{split} soft {100 * point[split]['soft']['disentangle']:.1f} "
                 f"(floor {100 * point[split]['floor']['disentangle']:.1f})"
-                for split in ("train", "test")
+                for split in CURVE_SPLITS
             )
             bar.write(f"curve at step {state.step}: {cells}, {point['seconds']:.0f} s")
         return point["seconds"]
@@ -377,11 +377,9 @@ class Trainer:
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             (root / LATEST).write_text(name + "\n")
-            with open(self.out_dir / TRAIN_LOG, "w") as log:
-                for record in self.state.history:
-                    log.write(json.dumps(record) + "\n")
+            _write_jsonl(self.state.history, self.out_dir / TRAIN_LOG)
             if self.state.curve:
-                write_curve(self.state.curve, self.out_dir)
+                _write_jsonl(self.state.curve, self.out_dir / CURVE_FILE)
             # keep this one and the one before it; later steps (a timeline resumed from an earlier checkpoint)
             # and older ones go
             steps = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".partial")
@@ -412,6 +410,13 @@ class Trainer:
             write_evaluation(result, self.out_dir, history=self.state.history, run_config=cfg, curve=self.state.curve)
         self.setup.barrier()
         return result.metrics
+
+
+def _write_jsonl(records: list[dict], path: Path) -> None:
+    """One JSON record per line, the file rewritten whole (a resumed run's records are its checkpoint's)."""
+    with open(path, "w") as out:
+        for record in records:
+            out.write(json.dumps(record) + "\n")
 
 
 #: what an earlier run leaves in its out_dir (``overwrite=true`` removes these and nothing else)
