@@ -389,12 +389,14 @@ class HyperDAS(nn.Module):
         batch: PairBatch | Mapping[str, object],
         modes: list[str],
         states: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ceiling: bool = True,
     ) -> BatchEvaluation:
         """Label logits of every mode and of the two references, from ONE target pass and ONE editor pass.
 
-        Beside each of ``modes``: ``FLOOR`` (no intervention: the target's own answer) and ``CEILING`` (the whole
-        vector of the last source entity token patched into the last base entity token: how much cause the
-        layer allows, isolation ignored). ``analysis`` holds the subspace module's per-example vectors.
+        Beside each of ``modes``: ``FLOOR`` (no intervention: the target's own answer) and, unless ``ceiling`` is
+        False, ``CEILING`` (the whole vector of the last source entity token patched into the last base entity
+        token: how much cause the layer allows, isolation ignored; False saves its patched pass where nobody
+        reads it, as in a learning curve). ``analysis`` holds the subspace module's per-example vectors.
         """
         batch = PairBatch.from_mapping(batch)
         with self.precision_context(batch.base_input_ids.device):
@@ -402,8 +404,9 @@ class HyperDAS(nn.Module):
             logits = {FLOOR: self.intervene(batch, encoded, None)}
             selections: dict[str, torch.Tensor | None] = {FLOOR: None}
             groundtruth = self.select(batch, encoded, "groundtruth")
-            logits[CEILING] = self.intervene(batch, encoded, groundtruth, full_vector=True)
-            selections[CEILING] = groundtruth
+            if ceiling:
+                logits[CEILING] = self.intervene(batch, encoded, groundtruth, full_vector=True)
+                selections[CEILING] = groundtruth
             for mode in modes:
                 selections[mode] = groundtruth if mode == "groundtruth" else self.select(batch, encoded, mode)
                 logits[mode] = self.intervene(batch, encoded, selections[mode])

@@ -275,6 +275,20 @@ MUTATIONS = (
         'self.engine.save(partial, client_state={k: v for k, v in self.state.__dict__.items() if k != "curve"})',
         ("tests/train/test_trainer.py::test_a_resumed_run_continues_its_learning_curve",),
     ),
+    Mutation(
+        "evaluate_batch runs the ceiling's patched pass even when told not to",
+        "hyperdas/model.py",
+        "            if ceiling:\n",
+        "            if True:\n",
+        ("tests/hyperdas/test_evaluate_batch.py",),
+    ),
+    Mutation(
+        "the learning curve pays for the ceiling it never shows",
+        "train/learning_curve.py",
+        "                ceiling=False,\n",
+        "",
+        (CURVE_VS_PLAIN_RUN,),
+    ),
 )
 
 

@@ -63,9 +63,9 @@ class DeepSpeedEngine:
     ) -> HyperDASOutput:
         return self.engine(to_device(batch, self.device), mode=mode, loss_weights=loss_weights, states=states)
 
-    def evaluate_batch(self, batch: PairBatch, modes: list[str]) -> BatchEvaluation:
+    def evaluate_batch(self, batch: PairBatch, modes: list[str], ceiling: bool = True) -> BatchEvaluation:
         # no backward follows, so the module is called directly; ZeRO-3's hooks gather each submodule's weights
-        return self.model.evaluate_batch(to_device(batch, self.device), modes)
+        return self.model.evaluate_batch(to_device(batch, self.device), modes, ceiling=ceiling)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself

@@ -37,7 +37,7 @@ class TrainingEngine(Protocol):
     ) -> HyperDASOutput:
         """Run the (possibly wrapped) model on one micro-batch (``states``: its cached target states, or None)."""
 
-    def evaluate_batch(self, batch: PairBatch, modes: list[str]) -> BatchEvaluation:
+    def evaluate_batch(self, batch: PairBatch, modes: list[str], ceiling: bool = True) -> BatchEvaluation:
         """``HyperDAS.evaluate_batch`` on one batch: every mode plus the floor and the ceiling, no gradients."""
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -108,8 +108,8 @@ class PlainEngine:
     ) -> HyperDASOutput:
         return self.model(to_device(batch, self.device), mode=mode, loss_weights=loss_weights, states=states)
 
-    def evaluate_batch(self, batch: PairBatch, modes: list[str]) -> BatchEvaluation:
-        return self.model.evaluate_batch(to_device(batch, self.device), modes)
+    def evaluate_batch(self, batch: PairBatch, modes: list[str], ceiling: bool = True) -> BatchEvaluation:
+        return self.model.evaluate_batch(to_device(batch, self.device), modes, ceiling=ceiling)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps).backward()

@@ -57,6 +57,7 @@ def curve_point(engine, data, step: int, examples: int, batch_size: int, rank: i
                 world_size=world_size,
                 seed=seed,
                 split=split,
+                ceiling=False,
             )
             point[split] = {
                 name: {key: result.metrics[name]["overall"][key] for key in ("cause", "isolate", "disentangle")}

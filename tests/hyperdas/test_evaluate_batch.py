@@ -84,6 +84,20 @@ def test_ceiling_patches_the_whole_last_entity_vector(model):
     assert not torch.allclose(out.logits[CEILING], out.logits[FLOOR])
 
 
+def test_without_the_ceiling_every_other_entry_is_the_same_and_one_patched_pass_is_saved(model, monkeypatch):
+    batch = make_batch(VOCAB, batch=3, tb=10, ts=6, te=5, seed=7)
+    modes = ["soft", "groundtruth"]
+    full = model.evaluate_batch(batch, modes)
+    passes = []
+    intervene = model.intervene
+    monkeypatch.setattr(model, "intervene", lambda *a, **k: passes.append(k) or intervene(*a, **k))
+    lean = model.evaluate_batch(batch, modes, ceiling=False)
+    assert set(lean.logits) == set(lean.selections) == {FLOOR, *modes}
+    assert len(passes) == len(full.logits) - 1 and not any(k.get("full_vector") for k in passes)
+    for name in lean.logits:
+        torch.testing.assert_close(lean.logits[name], full.logits[name], rtol=0, atol=0, msg=name)
+
+
 def test_every_mode_equals_the_training_forward(model):
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5, seed=4)
     out = model.evaluate_batch(batch, list(SELECTION_MODES))
