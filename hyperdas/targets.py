@@ -240,11 +240,12 @@ class FrozenTarget(nn.Module):
         attention_mask: torch.Tensor,
         collect: list[torch.Tensor] | None = None,
         checkpoint_layers: bool = False,
+        stop: int | None = None,
     ) -> torch.Tensor:
         position_ids = position_ids_from_mask(attention_mask)
         bias = causal_padding_bias(attention_mask, hidden.dtype)  # both kernels take this additive bias
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        for layer in self.layers[start:]:
+        for layer in self.layers[start:stop]:
             if checkpoint_layers and torch.is_grad_enabled():
                 out = checkpoint(
                     _call_layer, layer, hidden, bias, position_ids, position_embeddings, use_reentrant=False
@@ -257,20 +258,28 @@ class FrozenTarget(nn.Module):
         return hidden
 
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_layer: int | None = None
+    ) -> torch.Tensor:
         """Every layer's residual-stream state for a (left- or right-padded) batch.
 
         Args:
             input_ids: (B, T) token ids.
             attention_mask: (B, T), 1 for real tokens.
+            last_layer: stop at state n = ``last_layer`` (0..num_layers): the decoder layers above it are not run,
+                which is what a caller keeping only states up to some layer (a baseline at layer 12) saves.
+                None: all of them.
 
         Returns:
             (B, T, N, D): index n = 0 is the embedding output, n = k is the output of decoder layer k-1,
-            which is where an intervention "at layer k" patches. No final norm, no LM head.
+            which is where an intervention "at layer k" patches. No final norm, no LM head. N = num_layers + 1,
+            or last_layer + 1 when given.
         """
+        if last_layer is not None and not 0 <= last_layer <= self.num_layers:
+            raise ValueError(f"last_layer must be in 0..{self.num_layers} (this target's states), got {last_layer}")
         hidden = self.embed_tokens(input_ids)
         states = [hidden]
-        self._run_layers(hidden, 0, attention_mask, collect=states)
+        self._run_layers(hidden, 0, attention_mask, collect=states, stop=last_layer)
         return torch.stack(states, dim=2)
 
     def run_from_layer(

@@ -283,6 +283,20 @@ MUTATIONS = (
         ("tests/hyperdas/test_evaluate_batch.py",),
     ),
     Mutation(
+        "a state cache of some layers runs the layers above them too",
+        "hyperdas/state_cache.py",
+        "mask.to(device), last_layer=last)",
+        "mask.to(device))",
+        ("tests/hyperdas/test_state_cache.py",),
+    ),
+    Mutation(
+        "hidden_states ignores last_layer",
+        "hyperdas/targets.py",
+        "self.layers[start:stop]",
+        "self.layers[start:]",
+        ("tests/hyperdas/test_state_cache.py",),
+    ),
+    Mutation(
         "the learning curve pays for the ceiling it never shows",
         "train/learning_curve.py",
         "                ceiling=False,\n",

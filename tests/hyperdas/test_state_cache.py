@@ -8,7 +8,7 @@ import torch
 from hyperdas.config import HyperDASConfig
 from hyperdas.model import HyperDAS, LossWeights
 from hyperdas.state_cache import StateCache, plan_storage, real_rows
-from hyperdas.targets import build_random_target
+from hyperdas.targets import build_random_target, position_ids_from_mask
 from hyperdas.testing import make_batch, tiny_llama_config
 
 VOCAB = 89
@@ -65,9 +65,9 @@ def test_a_second_fill_computes_only_new_rows_and_padding_forwards_are_dropped()
     calls = []
     real = target.hidden_states
 
-    def counting(ids, mask):
+    def counting(ids, mask, **kwargs):
         calls.append(ids.shape[0])
-        return real(ids, mask)
+        return real(ids, mask, **kwargs)
 
     target.hidden_states = counting
     assert cache.fill(_rows(first), batch_size=2, progress=False) == len(set(_rows(first)))
@@ -78,6 +78,43 @@ def test_a_second_fill_computes_only_new_rows_and_padding_forwards_are_dropped()
     assert len(cache) == len(set(_rows(first)) | set(_rows(second)))
     with pytest.raises(ValueError, match="more than the 1 asked for"):
         cache.fill(_rows(make_batch(VOCAB, seed=9)), batch_size=1, progress=False, steps=1)
+
+
+def test_a_cache_of_some_layers_holds_the_full_pass_states_and_never_runs_the_layers_above():
+    target = _target()
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5, seed=4)
+    runs = []  # index of every decoder layer run while filling
+    hooks = [layer.register_forward_hook(lambda *_a, i=i: runs.append(i)) for i, layer in enumerate(target.layers)]
+    try:
+        cache = StateCache(target, layers=[2, 1])  # state n = 2 is the output of decoder layer 1: layer 2 is above
+        cache.fill(_rows(batch), batch_size=2, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert runs and set(runs) == {0, 1} and target.num_layers == 3
+    base, source = cache.states_for(batch)
+    with torch.no_grad():  # the reference: the plain HF forward's hidden states, all layers run
+        for states, ids, mask in (
+            (base, batch.base_input_ids, batch.base_attention_mask),
+            (source, batch.source_input_ids, batch.source_attention_mask),
+        ):
+            hf = target.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), output_hidden_states=True
+            ).hidden_states
+            want = torch.stack([hf[2], hf[1]], dim=2) * mask[..., None, None]
+            torch.testing.assert_close(states * mask[..., None, None], want, rtol=1e-10, atol=1e-12)
+
+
+def test_hidden_states_up_to_a_layer_are_the_first_states_of_the_full_pass():
+    target = _target()
+    batch = make_batch(VOCAB, batch=2, tb=8, ts=6, te=4, seed=5)
+    ids, mask = batch.base_input_ids, batch.base_attention_mask
+    full = target.hidden_states(ids, mask)
+    for last in range(target.num_layers + 1):
+        assert torch.equal(target.hidden_states(ids, mask, last_layer=last), full[:, :, : last + 1])
+    for bad in (-1, target.num_layers + 1):
+        with pytest.raises(ValueError, match=f"last_layer must be in 0..{target.num_layers}.*got {bad}"):
+            target.hidden_states(ids, mask, last_layer=bad)
 
 
 def test_a_cache_is_never_read_for_other_data_another_target_or_dtype():
