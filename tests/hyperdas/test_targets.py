@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from hyperdas.targets import (
     attention_kernel_for,
     build_random_target,
     embedded_default_folder,
+    emulated_half_precision_warning,
     load_target,
     position_ids_from_mask,
 )
@@ -158,3 +161,20 @@ def test_unsupported_architecture_names_the_supported_ones():
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(UnsupportedTargetError, match="cannot load target"):
         load_target(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_half_precision_target_on_a_cpu_that_emulates_it_warns_before_the_slow_work(native, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    cpu = torch.device("cpu")
+    message = emulated_half_precision_warning(torch.bfloat16, cpu)
+    assert (message is None) == native
+    if not native:
+        assert torch.backends.cpu.get_cpu_capability() in message and "model.torch_dtype=float32" in message
+    assert emulated_half_precision_warning(torch.float32, cpu) is None
+    assert emulated_half_precision_warning(torch.bfloat16, torch.device("cuda")) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_target(dtype=torch.bfloat16)
+    slow = [w for w in caught if "no native torch.bfloat16 units" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
