@@ -169,9 +169,8 @@ class StateCache:
             self._segments.append(segment)
         used = 0
         device = self._target.device
-        last = (
-            None if self.layers is None else max(self.layers, default=0)
-        )  # the layers above the highest kept one never run
+        # the layers above the highest kept one never run
+        last = None if self.layers is None else max(self.layers, default=0)
         for number, batch in enumerate(tqdm(batches, desc="caching target states", disable=not progress, leave=False)):
             ids, mask, offsets = left_pad(batch, 0)  # padding ids are masked out: any valid id does
             states = self._target.hidden_states(ids.to(device), mask.to(device), last_layer=last)

@@ -147,7 +147,7 @@ def test_the_sweep_reads_the_target_once_per_prompt_and_reports_every_layer(tiny
     train, test = _Split(train), _Split(test)
     calls = []
     real = target.hidden_states
-    target.hidden_states = lambda ids, mask: calls.append(ids.shape[0]) or real(ids, mask)
+    target.hidden_states = lambda ids, mask, **kwargs: calls.append(ids.shape[0]) or real(ids, mask, **kwargs)
     try:
         cache = _cache(target, collate, train, test, [1, 2])
         filled = len(calls)
