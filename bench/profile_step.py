@@ -1,8 +1,9 @@
 """Where one HyperDAS training step's time goes, part by part, forward and backward.
 
-    python bench/profile_step.py                        # the main job's step (SmolLM2-135M bf16, B=16, cached)
+    python bench/profile_step.py                        # the main job's step (SmolLM2-135M, B=16, cached)
     python bench/profile_step.py --live                 # without the state cache: the no-grad target pass too
     python bench/profile_step.py --editor-layers 8 --json bench/results/profile_smollm2.json
+    python bench/profile_step.py --dtype bfloat16       # bf16 whatever the CPU (auto: fp32 without native bf16)
 
 Each part is timed by module hooks: forward pre/post hooks for the forward, full backward pre/post hooks for
 the backward (on CPU every op is synchronous, so wall-clock gaps are the parts' own time). Parts: the no-grad
@@ -27,7 +28,7 @@ import torch
 from hyperdas.config import HyperDASConfig
 from hyperdas.model import HyperDAS, LossWeights
 from hyperdas.state_cache import StateCache, real_rows
-from hyperdas.targets import load_target
+from hyperdas.targets import load_target, resolve_target_dtype
 
 
 class PartTimer:
@@ -75,25 +76,30 @@ def watch_model(timer: PartTimer, model: HyperDAS, k: int) -> None:
     timer.watch(model.target.lm_head, "LM head (label positions)")
 
 
-def main_job_batch(target, size: int) -> dict:
-    """The first ``size`` training pairs of the main job's data (built into the cache if missing), collated."""
+def main_job_batch(target, size: int, dtype: str) -> dict:
+    """The first ``size`` training pairs of the main job's data for a target in ``dtype`` (its known prompts
+    are checked in that dtype; built into the cache if missing), collated."""
     from hyperdas.data.build import build_dataset
     from hyperdas.data.collate import Collator
     from hyperdas.train.config import load_run_config
 
-    train = build_dataset(load_run_config().data_request(), target)["train"]
+    run = load_run_config(overrides=[f"model.torch_dtype={dtype}"])
+    train = build_dataset(run.data_request(), target)["train"]
     return Collator(target.tokenizer)([train[i] for i in range(size)])
 
 
 def profile(args) -> dict:
     torch.set_num_threads(args.threads)
-    target = load_target("smollm2-135m", dtype=torch.bfloat16)
+    args.dtype = resolve_target_dtype(args.dtype, "cpu")
+    target = load_target("smollm2-135m", dtype=getattr(torch, args.dtype))
     k = args.layer
-    config = HyperDASConfig(intervention_layer=k, das_dimension=args.rank, chop_editor_at_layer=args.editor_layers)
+    config = HyperDASConfig(
+        intervention_layer=k, das_dimension=args.rank, chop_editor_at_layer=args.editor_layers, torch_dtype=args.dtype
+    )
     torch.manual_seed(0)
     model = HyperDAS(config, target)
     optimizer = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=1e-5)
-    batch = main_job_batch(target, args.batch)
+    batch = main_job_batch(target, args.batch, args.dtype)
     cache = None
     if not args.live:
         cache = StateCache(target)
@@ -141,7 +147,8 @@ def profile(args) -> dict:
         "machine": platform.processor() or platform.machine(),
         "cpu_model": _cpu_model(),
         "threads": args.threads,
-        "case": f"SmolLM2-135M bf16, the main job's first {args.batch} pairs (Tb={batch.base_input_ids.shape[1]}, "
+        "case": f"SmolLM2-135M {args.dtype}, the main job's first {args.batch} pairs "
+        f"(Tb={batch.base_input_ids.shape[1]}, "
         f"Ts={batch.source_input_ids.shape[1]}, Te={batch.instruction_input_ids.shape[1]}), "
         f"L={args.editor_layers}, layer {k}, r={args.rank}, {'live target pass' if args.live else 'state cache'}",
         "step_seconds": step_time,
@@ -179,6 +186,9 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=10)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="target dtype (auto: the main job's)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the result as JSON here")

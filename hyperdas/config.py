@@ -53,12 +53,14 @@ class SelectionMode(StrEnum):
 
 
 class DType(StrEnum):
-    """The target's weights and forward dtype (the trained parts keep fp32 masters whatever it is)."""
+    """The target's weights and forward dtype (the trained parts keep fp32 masters whatever it is); "auto" is
+    bfloat16 where the device computes it natively and float32 elsewhere (hyperdas.targets.resolve_target_dtype)."""
 
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
     float64 = "float64"
+    auto = "auto"
 
     @classmethod
     def _missing_(cls, value):
@@ -194,6 +196,7 @@ class HyperDASConfig:
     #: recompute target layers k..end in backward.
     checkpoint_target_layers: bool = False
     #: the target's weights and forward dtype; the trained parts keep fp32 masters and run under autocast to it.
+    #: "auto": bf16 where the device has native bf16 units, fp32 elsewhere (a run config resolves it at load).
     torch_dtype: DType = DType.bfloat16
     #: the target's attention kernel (see hyperdas.targets.attention_kernel_for).
     attn_implementation: AttentionKernel = AttentionKernel.auto

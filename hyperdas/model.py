@@ -29,7 +29,13 @@ from hyperdas.kernels.common import interpreter_active
 from hyperdas.kernels.interchange import interchange
 from hyperdas.selection import SelectionHead, apply_selection_mode, sharpen, straight_through
 from hyperdas.subspace import MASK_GROUP, ROTATION_GROUP, MaskSelect, build_subspace
-from hyperdas.targets import FrozenTarget, load_target, position_ids_from_mask, precision_context
+from hyperdas.targets import (
+    FrozenTarget,
+    load_target,
+    position_ids_from_mask,
+    precision_context,
+    resolve_target_dtype,
+)
 
 WEIGHTS_FILE = "hyperdas.safetensors"
 IGNORE_INDEX = -100
@@ -131,10 +137,13 @@ def weighted_label_loss(
 
 
 def load_configured_target(config: HyperDASConfig, device: str | torch.device | None = None) -> FrozenTarget:
-    """The frozen target ``config`` names, in its dtype and with its attention kernel."""
+    """The frozen target ``config`` names, in its dtype ("auto" resolved for ``device``) and attention kernel."""
+    # a target loaded with no device goes where the run goes: CUDA if there is one
+    where = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_target_dtype(config.torch_dtype, where)
     return load_target(
         config.target,
-        dtype=getattr(torch, config.torch_dtype),
+        dtype=getattr(torch, dtype),
         device=device,
         attn_implementation=config.attn_implementation,
     )
@@ -158,6 +167,8 @@ class HyperDAS(nn.Module):
         if target is None:
             target = load_configured_target(config)
         config.validate(num_layers=target.num_layers, hidden_size=target.hidden_size)
+        if config.torch_dtype == "auto":  # a saved model names the dtype it ran in, not what "auto" meant here
+            config.torch_dtype = str(target.dtype).removeprefix("torch.")
         self.config = config
         self.target = target
         d = target.hidden_size

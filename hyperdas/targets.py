@@ -419,26 +419,48 @@ def target_config(name_or_path: str = EMBEDDED_DEFAULT):
     return config
 
 
+def native_half_precision(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``dtype`` computes natively on ``device``: fp32/fp64 always; on CUDA, bf16 where the GPU supports
+    it and fp16 always; on a CPU, bf16/fp16 only where oneDNN finds AVX-512 BF16/FP16 or AMX units."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return True
+    if device.type == "cuda":
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True
+    native = {
+        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+    }
+    return bool(native[dtype]())
+
+
+def resolve_target_dtype(name: str, device: str | torch.device) -> str:
+    """The concrete dtype a config's ``torch_dtype`` names on ``device``: "auto" is "bfloat16" where bf16
+    computes natively (CUDA, or a CPU with AVX-512 BF16 / AMX) and "float32" elsewhere, since emulated bf16 on
+    an AVX2-only CPU runs ~60x slower than fp32 (0.9 vs 52 GFLOP/s, 2-core EPYC). Any other name is returned
+    as it is. The two dtypes round differently, so their known prompts, data and results differ too."""
+    if name != "auto":
+        return str(name)
+    device = torch.device(device)
+    return "bfloat16" if native_half_precision(torch.bfloat16, device) else "float32"
+
+
 def emulated_half_precision_warning(dtype: torch.dtype, device: torch.device) -> str | None:
     """A warning when ``dtype`` computes emulated on this CPU (no AVX-512/AMX half-precision units), else None.
 
     On such a CPU PyTorch's bf16 matmul is tens of times slower than fp32 (a 2-core AVX2 AMD EPYC: 0.9 vs
     52 GFLOP/s at 1024x1024), so a bf16 run meant to take minutes takes hours. The run is still right, only
-    slow, so this warns rather than changing the dtype, which would change the rounding and so the results.
+    slow, so this warns rather than changing a dtype the caller named, which would change the rounding and
+    so the results (``model.torch_dtype=auto`` is the way to let the machine choose).
     """
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
-        return None
-    native = {
-        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
-    }
-    if native[dtype]():
+    if device.type != "cpu" or native_half_precision(dtype, device):
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     return (
         f"this CPU (PyTorch capability {capability}) has no native {dtype} units: the target's {dtype} matmuls run "
-        f"emulated, tens of times slower than float32; pass model.torch_dtype=float32 for speed (the rounding, "
-        f"and so the known-prompt data and the results, then differ from a {dtype} run's)"
+        f"emulated, tens of times slower than float32; pass model.torch_dtype=float32 (or auto) for speed (the "
+        f"rounding, and so the known-prompt data and the results, then differ from a {dtype} run's)"
     )
 
 

@@ -299,8 +299,29 @@ MUTATIONS = (
     Mutation(
         "no warning for a bf16 target on a CPU that emulates bf16",
         "hyperdas/targets.py",
-        "    if native[dtype]():\n",
+        '    if device.type != "cpu" or native_half_precision(dtype, device):\n',
         "    if True:\n",
+        ("tests/hyperdas/test_targets.py",),
+    ),
+    Mutation(
+        "model.torch_dtype=auto is bf16 even where the CPU emulates it",
+        "hyperdas/targets.py",
+        '    return "bfloat16" if native_half_precision(torch.bfloat16, device) else "float32"\n',
+        '    return "bfloat16"\n',
+        ("tests/hyperdas/test_targets.py", "tests/train/test_run_config.py"),
+    ),
+    Mutation(
+        "the saved run config says auto, so a resume elsewhere may run in another dtype",
+        "train/config.py",
+        "    config.model.torch_dtype = resolve_run_dtype(config.model.torch_dtype)\n",
+        "",
+        ("tests/train/test_run_config.py",),
+    ),
+    Mutation(
+        "a model built with torch_dtype=auto saves auto, not the dtype it ran in",
+        "hyperdas/model.py",
+        '            config.torch_dtype = str(target.dtype).removeprefix("torch.")\n',
+        "            pass\n",
         ("tests/hyperdas/test_targets.py",),
     ),
     Mutation(

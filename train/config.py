@@ -171,7 +171,7 @@ class RunConfig:
             attributes=tuple(data.attributes),
             isolate_attributes=tuple(data.isolate_attributes) if data.isolate_attributes else None,
             target=self.model.target,
-            target_dtype=str(self.model.torch_dtype),
+            target_dtype=resolve_run_dtype(self.model.torch_dtype),
             max_examples=data.max_examples,
             test_share=data.test_share,
             seed=self.seed if data.seed is None else data.seed,
@@ -215,6 +215,18 @@ class RunConfig:
                 "model.use_fused_kernels=true needs a CUDA device (or TRITON_INTERPRET=1); this machine "
                 "has none: use null (fused on CUDA only) or false"
             )
+
+
+def resolve_run_dtype(name: str) -> str:
+    """The concrete target dtype a run on this machine uses for ``model.torch_dtype`` ("auto": bfloat16 on CUDA
+    or a CPU with native bf16 units, float32 on other CPUs; see hyperdas.targets.resolve_target_dtype)."""
+    if name != "auto":
+        return str(name)
+    import torch
+
+    from hyperdas.targets import resolve_target_dtype
+
+    return resolve_target_dtype(name, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _fused_kernels_possible() -> bool:
@@ -354,6 +366,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     config = build_run_config(_read_yaml(file), where=f"run config {file}")
     config = build_run_config(plain_values(config), _nest(pairs), where="overrides") if pairs else config
     config.deepspeed = resolve_deepspeed_path(config.deepspeed, file)
+    # resolved once, here, so the saved run_config.yaml (and a resume on another machine) names the dtype used
+    config.model.torch_dtype = resolve_run_dtype(config.model.torch_dtype)
     config.validate()
     return config
 

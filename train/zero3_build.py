@@ -16,7 +16,7 @@ from torch import nn
 
 from hyperdas.config import HyperDASConfig
 from hyperdas.model import HyperDAS
-from hyperdas.targets import FrozenTarget, load_target
+from hyperdas.targets import FrozenTarget, load_target, resolve_target_dtype
 from hyperdas.train.config import RunConfig
 from hyperdas.train.ds_config import zero_stage
 
@@ -93,7 +93,8 @@ def build_model(
         must outlive the model; None otherwise.
     """
     model_config: HyperDASConfig = run.model
-    dtype = torch.bfloat16 if run.uses_bf16(device_type) else getattr(torch, model_config.torch_dtype)
+    named = resolve_target_dtype(model_config.torch_dtype, device_type)
+    dtype = torch.bfloat16 if run.uses_bf16(device_type) else getattr(torch, named)
     handle = None
     if zero_stage(ds_config) < 3:
         torch.manual_seed(run.seed)

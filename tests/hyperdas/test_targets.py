@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+from hyperdas.config import HyperDASConfig
+from hyperdas.model import HyperDAS, load_configured_target
 from hyperdas.targets import (
     UnsupportedTargetError,
     architecture_of,
@@ -16,6 +18,7 @@ from hyperdas.targets import (
     emulated_half_precision_warning,
     load_target,
     position_ids_from_mask,
+    resolve_target_dtype,
 )
 from hyperdas.testing import tiny_llama_config
 
@@ -178,3 +181,24 @@ def test_a_half_precision_target_on_a_cpu_that_emulates_it_warns_before_the_slow
         load_target(dtype=torch.bfloat16)
     slow = [w for w in caught if "no native torch.bfloat16 units" in str(w.message)]
     assert len(slow) == (0 if native else 1)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_only_where_the_device_computes_bf16_natively(native, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: native)
+    expected = "bfloat16" if native else "float32"
+    assert resolve_target_dtype("auto", "cpu") == expected
+    assert resolve_target_dtype("auto", torch.device("cuda")) == expected  # a pre-Ampere GPU emulates bf16 too
+    for named in ("float32", "bfloat16", "float16", "float64"):  # a named dtype is the caller's choice
+        assert resolve_target_dtype(named, "cpu") == named
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_model_configured_auto_runs_and_records_the_resolved_dtype(native, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    config = HyperDASConfig(target="smollm2-135m", torch_dtype="auto", intervention_layer=3, chop_editor_at_layer=1)
+    target = load_configured_target(config, device="cpu")
+    assert target.dtype == (torch.bfloat16 if native else torch.float32)
+    model = HyperDAS(config, target)
+    assert model.config.torch_dtype == ("bfloat16" if native else "float32")

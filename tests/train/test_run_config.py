@@ -129,3 +129,21 @@ def test_the_data_seed_follows_the_run_seed_unless_set():
     fixed = load_run_config(overrides=["seed=3", "data.seed=0"])
     assert (fixed.seed, fixed.data_request().seed) == (3, 0)
     assert fixed.data_request().key() == load_run_config().data_request().key()  # the main job's data, reused
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_main_job_picks_its_target_dtype_for_the_machine_and_saves_the_one_it_picked(native, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expected = "bfloat16" if native else "float32"
+    config = load_run_config()  # the shipped main job says torch_dtype: auto
+    assert config.model.torch_dtype == expected
+    assert config.data_request().target_dtype == expected  # the known prompts are checked in that dtype
+    save_run_config(config, tmp_path / "run_config.yaml")
+    assert yaml.safe_load((tmp_path / "run_config.yaml").read_text())["model"]["torch_dtype"] == expected
+    # a run folder moved to the other kind of machine resumes in the dtype it was trained in
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: not native)
+    assert load_run_config(None, [f"resume={tmp_path}"]).model.torch_dtype == expected
+    assert load_run_config(None, ["model.torch_dtype=float32"]).model.torch_dtype == "float32"
