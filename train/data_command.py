@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "every other attribute of the domain when only one is requested)",
     )
     parser.add_argument("--target", default=None, help="target model: shorthand, folder or hub name")
-    parser.add_argument("--dtype", default=None, help="dtype the target checks prompts in (default: the main job's)")
+    parser.add_argument(
+        "--dtype", default=None, help="dtype the target checks prompts in, or auto (default: the main job's)"
+    )
     parser.add_argument("--out", default=None, help="the folder to build the dataset in (default: the cache)")
     parser.add_argument("--max-examples", type=int, default=None, help="examples over both splits")
     parser.add_argument("--test-share", type=float, default=None, help="share of them in the test split")
@@ -67,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def request_from_args(args: argparse.Namespace) -> DataRequest:
     """The validated ``DataRequest`` the options describe on top of the main job's (a ValueError names a bad value)."""
+    from hyperdas.train.config import resolve_run_dtype
+
     base = main_job_request()
     changes: dict = {}
     if args.domain is not None and args.domain != base.domain:
@@ -78,7 +82,7 @@ def request_from_args(args: argparse.Namespace) -> DataRequest:
         changes["isolate_attributes"] = _names(args.isolate_attributes)
     simple = {
         "target": args.target,
-        "target_dtype": args.dtype,
+        "target_dtype": resolve_run_dtype(args.dtype) if args.dtype is not None else None,
         "max_examples": args.max_examples,
         "test_share": args.test_share,
         "seed": args.seed,

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# imported before any test patches hyperdas.targets.load_target: imported during a patch, hyperdas.model would
+# bind the planted loader for good (test_cli's eval, run after this file, then loaded a PlantedTarget)
+import hyperdas.model  # noqa: F401
 import hyperdas.targets
 from hyperdas.data.build import DataRequest
 from hyperdas.testing import PlantedTarget
@@ -31,7 +34,11 @@ def _parse(argv):
 def test_no_arguments_means_the_main_jobs_data():
     main_job = load_run_config().data_request()
     assert data_command.request_from_args(_parse([])) == main_job
-    assert main_job.key() == DataRequest(attributes=("Country", "Continent", "Language")).key()  # README's example
+    # README's example; the dtype is what the main job's torch_dtype=auto means on this machine
+    example = DataRequest(attributes=("Country", "Continent", "Language"), target_dtype=main_job.target_dtype)
+    assert main_job.key() == example.key()
+    assert main_job.target_dtype in ("bfloat16", "float32")
+    assert data_command.request_from_args(_parse(["--dtype", "auto"])) == main_job  # the same resolution
     args = _parse(["--attributes", "Country, Language", "--isolate-attributes", "Timezone", "--sources", "wikipedia"])
     request = data_command.request_from_args(args)
     assert request.attributes == ("Country", "Language") and request.isolate_attributes == ("Timezone",)
