@@ -1,6 +1,6 @@
 """Mutation check: plant one-line bugs the suite must catch, run the tests meant to catch each, restore the file.
 
-    .venv/bin/python tests/mutations.py              # every mutation (about 4 minutes on 2 cores)
+    .venv/bin/python tests/mutations.py              # every mutation (about 8 minutes on 2 cores)
     .venv/bin/python tests/mutations.py hinge bids   # only those whose name contains one of the words
     .venv/bin/python tests/mutations.py --list
 
