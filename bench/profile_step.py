@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 from hyperdas.config import HyperDASConfig
-from hyperdas.model import HyperDAS, LossWeights
+from hyperdas.model import HyperDAS, LossWeights, load_configured_target
 from hyperdas.state_cache import StateCache, real_rows
-from hyperdas.targets import load_target, resolve_target_dtype
 
 
 class PartTimer:
@@ -90,14 +89,14 @@ def main_job_batch(target, size: int, dtype: str) -> dict:
 
 def profile(args) -> dict:
     torch.set_num_threads(args.threads)
-    args.dtype = resolve_target_dtype(args.dtype, "cpu")
-    target = load_target("smollm2-135m", dtype=getattr(torch, args.dtype))
     k = args.layer
     config = HyperDASConfig(
         intervention_layer=k, das_dimension=args.rank, chop_editor_at_layer=args.editor_layers, torch_dtype=args.dtype
     )
+    target = load_configured_target(config, device="cpu")
     torch.manual_seed(0)
     model = HyperDAS(config, target)
+    args.dtype = model.config.torch_dtype  # "auto" resolved for this CPU
     optimizer = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=1e-5)
     batch = main_job_batch(target, args.batch, args.dtype)
     cache = None

@@ -35,6 +35,7 @@ from hyperdas.targets import (
     position_ids_from_mask,
     precision_context,
     resolve_target_dtype,
+    run_device,
 )
 
 WEIGHTS_FILE = "hyperdas.safetensors"
@@ -138,8 +139,7 @@ def weighted_label_loss(
 
 def load_configured_target(config: HyperDASConfig, device: str | torch.device | None = None) -> FrozenTarget:
     """The frozen target ``config`` names, in its dtype ("auto" resolved for ``device``) and attention kernel."""
-    # a target loaded with no device goes where the run goes: CUDA if there is one
-    where = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    where = device if device is not None else run_device()
     dtype = resolve_target_dtype(config.torch_dtype, where)
     return load_target(
         config.target,

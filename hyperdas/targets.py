@@ -419,6 +419,11 @@ def target_config(name_or_path: str = EMBEDDED_DEFAULT):
     return config
 
 
+def run_device() -> torch.device:
+    """Where a run goes when the caller names no device: the current CUDA GPU if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def native_half_precision(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether ``dtype`` computes natively on ``device``: fp32/fp64 always; on CUDA, bf16 where the GPU supports
     it and fp16 always; on a CPU, bf16/fp16 only where oneDNN finds AVX-512 BF16/FP16 or AMX units."""

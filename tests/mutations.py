@@ -311,6 +311,13 @@ MUTATIONS = (
         ("tests/hyperdas/test_targets.py", "tests/train/test_run_config.py"),
     ),
     Mutation(
+        "a run with no named device stays on the CPU although a GPU is there",
+        "hyperdas/targets.py",
+        '    return torch.device("cuda" if torch.cuda.is_available() else "cpu")\n',
+        '    return torch.device("cpu")\n',
+        ("tests/hyperdas/test_targets.py",),
+    ),
+    Mutation(
         "the saved run config says auto, so a resume elsewhere may run in another dtype",
         "train/config.py",
         "    config.model.torch_dtype = resolve_run_dtype(config.model.torch_dtype)\n",

@@ -87,17 +87,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sweep(run_config, config: BaselineConfig) -> tuple[dict, float]:
-    import torch
-
     from hyperdas.cache import cache_root
     from hyperdas.model import load_configured_target
     from hyperdas.state_cache import StateCache, plan_storage
+    from hyperdas.targets import run_device
     from hyperdas.train.data_source import load_run_data
     from hyperdas.train.trainer import PlainSetup
 
     start = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else None
-    target = load_configured_target(run_config.model, device=device)
+    target = load_configured_target(run_config.model, device=run_device())
     data = load_run_data(run_config, target, PlainSetup())
     rows = data.prompt_rows(data.train, list(range(len(data.train)))) + data.prompt_rows(
         data.test, list(range(len(data.test)))

@@ -222,11 +222,9 @@ def resolve_run_dtype(name: str) -> str:
     or a CPU with native bf16 units, float32 on other CPUs; see hyperdas.targets.resolve_target_dtype)."""
     if name != "auto":
         return str(name)
-    import torch
+    from hyperdas.targets import resolve_target_dtype, run_device
 
-    from hyperdas.targets import resolve_target_dtype
-
-    return resolve_target_dtype(name, "cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_target_dtype(name, run_device())
 
 
 def _fused_kernels_possible() -> bool:

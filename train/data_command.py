@@ -100,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
     """Build or load the data, then print the known-prompt and example counts, the split sizes and the folder."""
     import torch
 
+    from hyperdas.targets import run_device
+
     request = request_from_args(args)
     folder = dataset_folder(request) if args.out is None else Path(args.out)
     reused = (folder / DATASET_FILE).is_file()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or run_device().type
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"--device {device!r}; allowed: cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():

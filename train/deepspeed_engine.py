@@ -15,6 +15,7 @@ import torch
 
 from hyperdas.data.batch import PairBatch
 from hyperdas.model import WEIGHTS_FILE, BatchEvaluation, HyperDAS, HyperDASOutput, LossWeights
+from hyperdas.targets import run_device
 from hyperdas.train.config import RunConfig
 from hyperdas.train.distributed import init_distributed
 from hyperdas.train.ds_config import read_ds_config, resolve_ds_config, zero_stage
@@ -173,7 +174,7 @@ class DeepSpeedSetup:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.is_main = self.rank == 0
-        self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device_type = run_device().type
 
     def build(self, config: RunConfig) -> DeepSpeedEngine:
         ds = resolve_ds_config(self.raw_ds_config, config, self.world_size, self.device_type)

@@ -15,6 +15,7 @@ import torch
 
 from hyperdas.data.batch import PairBatch
 from hyperdas.model import BatchEvaluation, HyperDAS, HyperDASOutput, LossWeights
+from hyperdas.targets import run_device
 from hyperdas.train.config import RunConfig
 from hyperdas.train.optimizer import make_optimizer, set_lr_scale
 
@@ -91,7 +92,7 @@ class PlainEngine:
     is_main = True
 
     def __init__(self, model: HyperDAS, config: RunConfig, device: torch.device | None = None):
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or run_device()
         self.model = model.to(self.device)
         self.config = config
         self.micro_batch_size, self.grad_accum_steps = micro_batch_plan(

@@ -19,6 +19,7 @@ from hyperdas.targets import (
     load_target,
     position_ids_from_mask,
     resolve_target_dtype,
+    run_device,
 )
 from hyperdas.testing import tiny_llama_config
 
@@ -192,6 +193,17 @@ def test_auto_dtype_is_bf16_only_where_the_device_computes_bf16_natively(native,
     assert resolve_target_dtype("auto", torch.device("cuda")) == expected  # a pre-Ampere GPU emulates bf16 too
     for named in ("float32", "bfloat16", "float16", "float64"):  # a named dtype is the caller's choice
         assert resolve_target_dtype(named, "cpu") == named
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_a_run_without_a_named_device_goes_to_the_gpu_if_there_is_one_and_picks_its_dtype_there(gpu, monkeypatch):
+    from hyperdas.train.config import resolve_run_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # a CPU without bf16 units
+    assert run_device() == torch.device("cuda" if gpu else "cpu")
+    assert resolve_run_dtype("auto") == ("bfloat16" if gpu else "float32")
 
 
 @pytest.mark.parametrize("native", [True, False])
