@@ -184,7 +184,10 @@ class HyperDASConfig:
     selection_temperature_end: float = 1.0
     #: the selection the training step patches with: "soft" (the paper's), or a hard mode trained straight
     #: through (its one-hot selection in the forward, the soft A's gradient in the backward), so the mode that
-    #: is evaluated is the mode that was trained. "groundtruth" ignores A and is refused.
+    #: is evaluated is the mode that was trained. "groundtruth" is the WHICH-without-WHERE ablation: every step
+    #: patches the last entity token with the source's last entity token, so only the editor and the subspace
+    #: learn (the selection head gets no gradient and stays at its initialisation: of that run's modes only
+    #: groundtruth measures anything).
     train_selection_mode: SelectionMode = SelectionMode.soft
     #: the attributes the model was trained to localise (set by the trainer from its training data): a batch
     #: whose instruction names another is refused, not answered by a guess. None: not recorded.
@@ -252,12 +255,6 @@ class HyperDASConfig:
             raise ValueError(
                 f"selection temperatures must satisfy 0 < end <= start, got start "
                 f"{self.selection_temperature_start}, end {self.selection_temperature_end}"
-            )
-        if self.train_selection_mode == SelectionMode.groundtruth:
-            trainable = [m.value for m in SelectionMode if m != SelectionMode.groundtruth]
-            raise ValueError(
-                f"train_selection_mode {self.train_selection_mode} patches the entity tokens whatever the selection "
-                f"head says, so the head would learn nothing; allowed: {trainable}"
             )
         if num_layers is not None:
             if not 0 <= self.intervention_layer <= num_layers - 1:

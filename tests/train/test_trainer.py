@@ -397,11 +397,38 @@ def test_a_hard_train_selection_mode_is_the_mode_every_training_step_patches_wit
     assert not torch.equal(head.detach(), before)
 
 
-def test_groundtruth_is_refused_as_the_train_selection_mode(tiny_run):
-    config, _ = tiny_run
+def test_groundtruth_training_patches_the_entity_tokens_and_trains_the_subspace_but_not_the_head(tiny_run, monkeypatch):
+    """train_selection_mode=groundtruth (positions given, the WHICH-without-WHERE ablation): every step patches
+    last entity token <- last entity token, the editor and the subspace learn, the selection head cannot."""
+    config, setup = tiny_run
     config.model.train_selection_mode = "groundtruth"
-    with pytest.raises(ValueError, match=r"train_selection_mode groundtruth .*allowed: \['soft', 'column_argmax'"):
-        config.model.validate()
+    patched = []
+    real_intervene = HyperDAS.intervene
+
+    def recording(self, batch, encoded, selection, full_vector=False):
+        if torch.is_grad_enabled():
+            patched.append(
+                (selection.detach().clone(), batch.base_entity_last.clone(), batch.source_entity_last.clone())
+            )
+        return real_intervene(self, batch, encoded, selection, full_vector)
+
+    monkeypatch.setattr(HyperDAS, "intervene", recording)
+    trainer = Trainer(config, setup)
+    trainer.prepare()
+    model = trainer.engine.model
+    head = {n: p.detach().clone() for n, p in model.selection_head.named_parameters()}
+    subspace = {n: p.detach().clone() for n, p in model.subspace.named_parameters()}
+    trainer.train()
+    assert len(patched) == 5 * 2  # 5 steps of 2 micro-batches, each patched once with grad
+    for selection, base_last, source_last in patched:  # (B, Ts+1, Tb): source last entity token -> base last
+        rows = torch.arange(len(base_last))
+        expected = torch.zeros_like(selection)
+        expected[:, -1] = 1.0  # every other base position keeps itself (the SELF row)
+        expected[rows, -1, base_last] = 0.0
+        expected[rows, source_last, base_last] = 1.0
+        assert torch.equal(selection, expected)
+    assert all(torch.equal(p.detach(), head[n]) for n, p in model.selection_head.named_parameters())
+    assert any(not torch.equal(p.detach(), subspace[n]) for n, p in model.subspace.named_parameters())
 
 
 def _trained_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
