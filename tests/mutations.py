@@ -311,6 +311,13 @@ MUTATIONS = (
         ("tests/hyperdas/test_targets.py", "tests/train/test_run_config.py"),
     ),
     Mutation(
+        "the checkout's kernels/ folder shadows the Hugging Face kernels package transformers imports",
+        "kernels/__init__.py",
+        'if __name__ == "kernels":\n',
+        "if False:\n",
+        ("tests/kernels/test_top_level_name.py",),
+    ),
+    Mutation(
         "a run with no named device stays on the CPU although a GPU is there",
         "hyperdas/targets.py",
         '    return torch.device("cuda" if torch.cuda.is_available() else "cpu")\n',
