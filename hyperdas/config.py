@@ -186,7 +186,7 @@ class HyperDASConfig:
     #: through (its one-hot selection in the forward, the soft A's gradient in the backward), so the mode that
     #: is evaluated is the mode that was trained. "groundtruth" is the WHICH-without-WHERE ablation: every step
     #: patches the last entity token with the source's last entity token, so only the editor and the subspace
-    #: learn (the selection head gets no gradient and stays at its initialisation: of that run's modes only
+    #: learn (the selection head is frozen and stays at its initialisation: of that run's modes only
     #: groundtruth measures anything).
     train_selection_mode: SelectionMode = SelectionMode.soft
     #: the attributes the model was trained to localise (set by the trainer from its training data): a batch

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hyperdas.config import HyperDASConfig
+from hyperdas.config import HyperDASConfig, SelectionMode
 from hyperdas.data.batch import PairBatch
 from hyperdas.editor import Editor, RunKeys
 from hyperdas.kernels.common import interpreter_active
@@ -185,6 +185,10 @@ class HyperDAS(nn.Module):
         self.editor.gradient_checkpointing = config.checkpoint_editor_layers
         self.editor.use_triton = config.use_fused_kernels  # every fused op takes the one switch
         self.selection_head = SelectionHead(d, heads)
+        if config.train_selection_mode == SelectionMode.groundtruth:
+            # WHICH without WHERE: no step reads the head, so it is frozen rather than left to the optimizer,
+            # which under ZeRO-3 moved it anyway (tests/train/test_deepspeed_zero.py)
+            self.selection_head.requires_grad_(False)
         self.subspace = build_subspace(config.subspace_module, d, config.das_dimension, config.mask_temperature_start)
         # training anneals it from the start value (set_progress); a built or loaded model selects at the end one
         self.selection_temperature = config.selection_temperature_end

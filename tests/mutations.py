@@ -318,6 +318,16 @@ MUTATIONS = (
         ("tests/kernels/test_top_level_name.py",),
     ),
     Mutation(
+        "the selection head left trainable when the positions are given (ZeRO-3 then moves it)",
+        "hyperdas/model.py",
+        "            self.selection_head.requires_grad_(False)\n",
+        "            pass\n",
+        (
+            "tests/train/test_deepspeed_zero.py::"
+            "test_zero3_training_with_the_positions_given_leaves_the_selection_head_as_built",
+        ),
+    ),
+    Mutation(
         "a run with no named device stays on the CPU although a GPU is there",
         "hyperdas/targets.py",
         '    return torch.device("cuda" if torch.cuda.is_available() else "cpu")\n',

@@ -4,7 +4,8 @@ Run under torchrun (``--engine deepspeed``, any number of processes) or as a pla
 (``--engine plain``): both train the same HyperDAS on the same global batches, cut as the trainer cuts them
 (`step_batches`, then each process's contiguous slice in micro-batches, `process_slices`), so their losses and
 trained weights must agree. Writes ``losses.json`` (the global loss and gradient norm of every optimizer step),
-the exported editor (``export/``, the ``from_pretrained`` format), ``eval.pt`` (the trained model's outputs
+the exported editor (``export/``, the ``from_pretrained`` format; with ``--export-initial`` also ``initial/``,
+before the first step), ``eval.pt`` (the trained model's outputs
 on fixed evaluation pairs, computed by every process), or with ``--grads`` only ``grads.pt`` (full gradients
 of the first global batch with gradient checkpointing off and on). ``--float64`` runs the plain engine in
 float64 throughout, the exact reference that float32 gradients are measured against.
@@ -62,6 +63,9 @@ class SyntheticPairs(Dataset):
                     "label_positions": label_positions,
                     "label_ids": base[label_positions + 1],
                     "is_causal": torch.randint(0, 2, (), generator=g).bool(),
+                    # the "entities" the groundtruth mode patches: the last selectable token of each run
+                    "base_entity_last": torch.tensor(TB - P - 1),
+                    "source_entity_last": torch.tensor(TS - 1),
                 }
             )
 
@@ -82,6 +86,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         checkpoint_editor_layers=args.checkpointing,
         checkpoint_target_layers=args.checkpointing,
         use_fused_kernels=False,
+        train_selection_mode=args.train_selection_mode,
     )
     return RunConfig(
         model=model,
@@ -182,6 +187,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--grads", action="store_true", help="write grads.pt (checkpointing off, then on)")
     parser.add_argument("--float64", action="store_true", help="plain engine in float64 throughout (a reference)")
+    parser.add_argument("--train-selection-mode", default="soft", help="model.train_selection_mode")
+    parser.add_argument("--export-initial", action="store_true", help="also export the model before training")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     return parser.parse_args()
 
@@ -221,11 +228,13 @@ def work(args: argparse.Namespace) -> None:
             torch.save(saved, out / "grads.pt")
         return
 
+    if args.export_initial:
+        engine.export_trained(out / "initial")
     losses, norms = {}, {}
     for step in range(args.steps):
         total = 0.0
         for batch in micro_batches(step):
-            output = engine.forward(batch, loss_weights=LOSS_WEIGHTS)
+            output = engine.forward(batch, mode=run.model.train_selection_mode, loss_weights=LOSS_WEIGHTS)
             engine.backward(output.loss)
             total += float(output.loss.detach()) / engine.grad_accum_steps
             norm = engine.step()

@@ -216,3 +216,28 @@ def test_exported_editor_loads_in_one_process_with_the_same_outputs(workdir, zer
     accuracy = (output.logits.argmax(-1) == batch.label_ids).float().mean()
     distributed_accuracy = (distributed["logits"].argmax(-1) == batch.label_ids).float().mean()
     assert accuracy == distributed_accuracy
+
+
+def test_zero3_training_with_the_positions_given_leaves_the_selection_head_as_built(workdir):
+    """``model.train_selection_mode=groundtruth`` (WHICH without WHERE): the step patches the last entity tokens
+    whatever the head says, so the head gets no gradient. Under ZeRO-3 on 2 processes it must still train the
+    rest and leave the head exactly as it was built (an optimizer that updated it anyway, e.g. weight decay on
+    a filled-in zero gradient, would move it), and export it with the model."""
+    ds = _ds_json(workdir, "zero3.json")
+    run = _run_worker(
+        workdir / "zero3_groundtruth",
+        "--engine", "deepspeed", "--ds", str(ds), "--train-selection-mode", "groundtruth", "--export-initial",
+        *_common(workdir),
+        processes=2,
+    )  # fmt: skip
+    before = load_file(str(run / "initial" / "hyperdas.safetensors"))
+    after = load_file(str(run / "export" / "hyperdas.safetensors"))
+    assert sorted(before) == sorted(after)
+    head = [name for name in after if name.startswith("selection_head.")]
+    rest = [name for name in after if not name.startswith("selection_head.")]
+    assert head and rest
+    for name in head:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+    moved = [name for name in rest if not torch.equal(after[name], before[name])]
+    assert any(n.startswith("subspace.") for n in moved) and any(n.startswith("editor.") for n in moved), moved
+    assert all(math.isfinite(v) for v in _curves(run)["loss"].values())
