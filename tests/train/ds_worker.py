@@ -5,10 +5,10 @@ Run under torchrun (``--engine deepspeed``, any number of processes) or as a pla
 (`step_batches`, then each process's contiguous slice in micro-batches, `process_slices`), so their losses and
 trained weights must agree. Writes ``losses.json`` (the global loss and gradient norm of every optimizer step),
 the exported editor (``export/``, the ``from_pretrained`` format; with ``--export-initial`` also ``initial/``,
-before the first step), ``eval.pt`` (the trained model's outputs
-on fixed evaluation pairs, computed by every process), or with ``--grads`` only ``grads.pt`` (full gradients
-of the first global batch with gradient checkpointing off and on). ``--float64`` runs the plain engine in
-float64 throughout, the exact reference that float32 gradients are measured against.
+before the first step), ``eval.pt`` (the trained model's outputs on fixed evaluation pairs, computed by every
+process), or with ``--grads`` only ``grads.pt`` (full gradients of the first global batch with gradient
+checkpointing off and on). ``--float64`` runs the plain engine in float64 throughout, the exact reference that
+float32 gradients are measured against.
 
     torchrun --nproc_per_node 2 tests/train/ds_worker.py --engine deepspeed --ds zero3.json --target DIR --out OUT
 """
