@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -218,6 +220,7 @@ def test_loading_into_a_mismatched_config_is_a_clear_error(target64, tmp_path):
         ({"das_dimension": 41}, r"das_dimension 41 exceeds the target's hidden size 40"),
         ({"subspace_module": "BoundlessDAS"}, r"unknown subspace_module 'BoundlessDAS'"),
         ({"chop_editor_at_layer": 4}, r"chop_editor_at_layer 4 exceeds"),
+        ({"selectable_base": "suffix"}, r"unknown selectable_base 'suffix'; allowed: \['prefix', 'entity'\]"),
     ],
 )
 def test_bad_config_is_a_clear_error(target64, overrides, message):
@@ -310,6 +313,48 @@ def test_an_annealed_selection_temperature_matches_the_literal_softmax_of_logits
     plain_out = plain(batch, mode="soft")
     sharp = model(batch, mode="soft")
     assert not torch.allclose(plain_out.selection, sharp.selection)  # τ is really applied
+
+
+@pytest.mark.parametrize("mode", ["soft", "bidding_argmax"])
+def test_an_entity_scoped_step_equals_the_literal_step_on_a_batch_masked_to_the_entity(
+    target64, mode, llama_in_float64
+):
+    """selectable_base=entity is the literal METHOD.md step with the base intervention mask cut to the entity's
+    tokens: the mask below is built position by position from the entity spans (1, 2 and 3 tokens), not by the
+    code under test, and the literal path reads it for the editor's keys, the head and the patch alike."""
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
+    batch.base_entity_first = batch.base_entity_last - torch.tensor([0, 1, 2])
+    cut = torch.zeros_like(batch.base_intervention_mask)
+    for b in range(3):
+        for j in range(9):
+            inside = int(batch.base_entity_first[b]) <= j <= int(batch.base_entity_last[b])
+            cut[b, j] = bool(batch.base_intervention_mask[b, j]) and inside
+    assert cut.sum(dim=1).tolist() == [1, 2, 3]
+    model = _model(target64, selectable_base="entity")
+    weights = LossWeights(causal=3.5, isolate=0.5, sparsity=0.7)
+    out = model(batch, mode=mode, loss_weights=weights)
+    loss, logits = literal_four_pass_forward(
+        model, dataclasses.replace(batch, base_intervention_mask=cut), mode=mode, loss_weights=weights
+    )
+    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
+    out.loss.backward()
+    fast = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    slow = _grads(model)
+    assert fast.keys() == slow.keys() == {n for n, _ in model.trainable_named_parameters()}
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-11, msg=name)
+    keeps = out.selection[:, -1]  # (B, Tb): the SELF row; 1 wherever nothing is written
+    assert torch.equal(keeps[~cut], torch.ones_like(keeps[~cut]))
+    if mode == "soft":  # a hard mode may keep an entity token too
+        assert (keeps[cut] < 1).all()
+    prefix = _model(target64)(batch, mode=mode, loss_weights=weights)
+    assert not torch.allclose(prefix.loss, out.loss)  # the scope changes what is patched
+    batch.base_entity_first = None
+    with pytest.raises(ValueError, match="no base entity positions"):
+        model(batch, mode=mode)
 
 
 def test_an_attribute_the_model_was_not_trained_on_is_refused(target64, tmp_path):
