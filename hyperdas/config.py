@@ -52,11 +52,12 @@ class SelectionMode(StrEnum):
     groundtruth = "groundtruth"
 
 
-class BaseScope(StrEnum):
-    """The base positions an interchange may write to (METHOD.md §3, §5), and so the base tokens the editor reads."""
+class PositionScope(StrEnum):
+    """The positions of a run (base or source) the selection may use (METHOD.md §3, §5), and so the tokens of
+    that run the editor reads."""
 
     prefix = "prefix"  # the paper's: every prefix token, the template's words and in-context example included
-    entity = "entity"  # only the base entity's tokens
+    entity = "entity"  # only the run's entity tokens
 
 
 class DType(StrEnum):
@@ -196,11 +197,12 @@ class HyperDASConfig:
     #: learn (the selection head is frozen and stays at its initialisation: of that run's modes only
     #: groundtruth measures anything).
     train_selection_mode: SelectionMode = SelectionMode.soft
-    #: where in the base the selection may write: "prefix" (the paper's: every token before the suffix) or
-    #: "entity" (only the base entity's tokens). The editor's base keys are masked alike, as the intervention
-    #: mask masks them (METHOD.md §2). "entity" keeps WHERE on the entity while the head still chooses among its
-    #: tokens and every source token: the soft selection otherwise writes mostly into the template's words.
-    selectable_base: BaseScope = BaseScope.prefix
+    #: where the selection may write in the base and read in the source: "prefix" (the paper's: every token
+    #: before the suffix) or "entity" (only that run's entity tokens). The editor's keys of that run are masked
+    #: alike, as the intervention mask masks them (METHOD.md §2). "entity" keeps WHERE on the entities while the
+    #: head still chooses among their tokens: the soft selection otherwise moves mostly template words.
+    selectable_base: PositionScope = PositionScope.prefix
+    selectable_source: PositionScope = PositionScope.prefix
     #: the attributes the model was trained to localise (set by the trainer from its training data): a batch
     #: whose instruction names another is refused, not answered by a guess. None: not recorded.
     trained_attributes: list[str] | None = None

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hyperdas.config import BaseScope, HyperDASConfig, SelectionMode
+from hyperdas.config import HyperDASConfig, PositionScope, SelectionMode
 from hyperdas.data.batch import PairBatch
 from hyperdas.editor import Editor, RunKeys
 from hyperdas.kernels.common import interpreter_active
@@ -65,8 +65,8 @@ class Encoded:
         encoding: the editor's encoding e (B, D).
         soft: the soft selection A (B, Ts+1, Tb), float32.
         basis: W (B, D, r), (D, r), or None for the whole vector.
-        base_mask, source_mask: (B, Tb), (B, Ts) bool selectable positions (base: cut to the entity where
-            config.selectable_base is "entity").
+        base_mask, source_mask: (B, Tb), (B, Ts) bool selectable positions (cut to the entity where
+            config.selectable_base / selectable_source is "entity").
     """
 
     h: torch.Tensor
@@ -332,9 +332,11 @@ class HyperDAS(nn.Module):
                 f"{self.target.num_states} of the target's (a cache of some layers only cannot feed HyperDAS)"
             )
         base_mask = batch.base_intervention_mask.bool()
-        if self.config.selectable_base == BaseScope.entity:
-            base_mask = base_mask & batch.base_entity_mask()
         source_mask = batch.source_intervention_mask.bool()
+        if self.config.selectable_base == PositionScope.entity:
+            base_mask = base_mask & batch.entity_mask("base")
+        if self.config.selectable_source == PositionScope.entity:
+            source_mask = source_mask & batch.entity_mask("source")
         source_keys = RunKeys.from_states(source_states, batch.source_attention_mask, source_mask)
         base_keys = RunKeys.from_states(base_states, batch.base_attention_mask, base_mask)
         encoding = self.editor(

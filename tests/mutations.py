@@ -37,7 +37,7 @@ class Mutation:
 
 MODEL_VS_ORACLE = "tests/hyperdas/test_model.py::test_two_pass_step_equals_literal_four_pass"
 ENTITY_SCOPE_VS_ORACLE = (
-    "tests/hyperdas/test_model.py::test_an_entity_scoped_step_equals_the_literal_step_on_a_batch_masked_to_the_entity"
+    "tests/hyperdas/test_model.py::test_an_entity_scoped_step_equals_the_literal_step_on_masks_cut_to_the_entities"
 )
 CURVE_VS_PLAIN_RUN = (
     "tests/train/test_trainer.py::test_a_learning_curve_changes_nothing_about_training_and_scores_the_model_of_its_step"
@@ -361,14 +361,21 @@ MUTATIONS = (
     Mutation(
         "the entity scope leaves out the last entity token",
         "hyperdas/data/batch.py",
-        "(index <= self.base_entity_last[:, None])",
-        "(index < self.base_entity_last[:, None])",
+        "(index <= last[:, None])",
+        "(index < last[:, None])",
         (ENTITY_SCOPE_VS_ORACLE,),
     ),
     Mutation(
         "selectable_base=entity is ignored",
         "hyperdas/model.py",
-        "            base_mask = base_mask & batch.base_entity_mask()\n",
+        '            base_mask = base_mask & batch.entity_mask("base")\n',
+        "            pass\n",
+        (ENTITY_SCOPE_VS_ORACLE,),
+    ),
+    Mutation(
+        "selectable_source=entity is ignored",
+        "hyperdas/model.py",
+        '            source_mask = source_mask & batch.entity_mask("source")\n',
         "            pass\n",
         (ENTITY_SCOPE_VS_ORACLE,),
     ),

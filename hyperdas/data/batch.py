@@ -85,15 +85,16 @@ class PairBatch:
     def has_labels(self) -> bool:
         return self.label_ids is not None
 
-    def base_entity_mask(self) -> torch.Tensor:
-        """(B, Tb) bool: True on each row's base entity tokens, base_entity_first..base_entity_last."""
-        if self.base_entity_first is None or self.base_entity_last is None:
+    def entity_mask(self, run: str) -> torch.Tensor:
+        """(B, T) bool of ``run`` ("base" or "source"): True on each row's entity tokens, first..last."""
+        first, last = getattr(self, f"{run}_entity_first"), getattr(self, f"{run}_entity_last")
+        if first is None or last is None:
             raise ValueError(
-                "this batch has no base entity positions (base_entity_first, base_entity_last), which an "
-                "intervention restricted to the entity needs: the collator sets them; a hand-built batch must too"
+                f"this batch has no {run} entity positions ({run}_entity_first, {run}_entity_last), which a "
+                "selection restricted to the entity needs: the collator sets them; a hand-built batch must too"
             )
-        index = torch.arange(self.base_input_ids.shape[1], device=self.base_input_ids.device)
-        return (index >= self.base_entity_first[:, None]) & (index <= self.base_entity_last[:, None])
+        index = torch.arange(getattr(self, f"{run}_input_ids").shape[1], device=first.device)
+        return (index >= first[:, None]) & (index <= last[:, None])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
         """The batch with every tensor on ``device`` (the string lists are shared)."""

@@ -221,6 +221,7 @@ def test_loading_into_a_mismatched_config_is_a_clear_error(target64, tmp_path):
         ({"subspace_module": "BoundlessDAS"}, r"unknown subspace_module 'BoundlessDAS'"),
         ({"chop_editor_at_layer": 4}, r"chop_editor_at_layer 4 exceeds"),
         ({"selectable_base": "suffix"}, r"unknown selectable_base 'suffix'; allowed: \['prefix', 'entity'\]"),
+        ({"selectable_source": "all"}, r"unknown selectable_source 'all'; allowed: \['prefix', 'entity'\]"),
     ],
 )
 def test_bad_config_is_a_clear_error(target64, overrides, message):
@@ -315,27 +316,41 @@ def test_an_annealed_selection_temperature_matches_the_literal_softmax_of_logits
     assert not torch.allclose(plain_out.selection, sharp.selection)  # τ is really applied
 
 
+def _cut_to_entities(batch, run: str) -> torch.Tensor:
+    """The run's intervention mask cut to its entity span, position by position (not by the code under test)."""
+    allowed = getattr(batch, f"{run}_intervention_mask")
+    first, last = getattr(batch, f"{run}_entity_first"), getattr(batch, f"{run}_entity_last")
+    cut = torch.zeros_like(allowed)
+    for b in range(allowed.shape[0]):
+        for j in range(allowed.shape[1]):
+            cut[b, j] = bool(allowed[b, j]) and int(first[b]) <= j <= int(last[b])
+    return cut
+
+
 @pytest.mark.parametrize("mode", ["soft", "bidding_argmax"])
-def test_an_entity_scoped_step_equals_the_literal_step_on_a_batch_masked_to_the_entity(
-    target64, mode, llama_in_float64
+@pytest.mark.parametrize(
+    ("base_scope", "source_scope"), [("entity", "prefix"), ("prefix", "entity"), ("entity", "entity")]
+)
+def test_an_entity_scoped_step_equals_the_literal_step_on_masks_cut_to_the_entities(
+    target64, mode, base_scope, source_scope, llama_in_float64
 ):
-    """selectable_base=entity is the literal METHOD.md step with the base intervention mask cut to the entity's
-    tokens: the mask below is built position by position from the entity spans (1, 2 and 3 tokens), not by the
-    code under test, and the literal path reads it for the editor's keys, the head and the patch alike."""
+    """selectable_base / selectable_source = entity is the literal METHOD.md step with that run's intervention
+    mask cut to its entity's tokens (entities of 1, 2 and 3 tokens); the literal path reads the cut masks for the
+    editor's keys, the head and the patch alike."""
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
     batch.base_entity_first = batch.base_entity_last - torch.tensor([0, 1, 2])
-    cut = torch.zeros_like(batch.base_intervention_mask)
-    for b in range(3):
-        for j in range(9):
-            inside = int(batch.base_entity_first[b]) <= j <= int(batch.base_entity_last[b])
-            cut[b, j] = bool(batch.base_intervention_mask[b, j]) and inside
-    assert cut.sum(dim=1).tolist() == [1, 2, 3]
-    model = _model(target64, selectable_base="entity")
+    batch.source_entity_first = batch.source_entity_last - torch.tensor([2, 0, 1])
+    cut = {
+        "base": _cut_to_entities(batch, "base") if base_scope == "entity" else batch.base_intervention_mask,
+        "source": _cut_to_entities(batch, "source") if source_scope == "entity" else batch.source_intervention_mask,
+    }
+    assert _cut_to_entities(batch, "base").sum(dim=1).tolist() == [1, 2, 3]
+    assert _cut_to_entities(batch, "source").sum(dim=1).tolist() == [3, 1, 2]
+    model = _model(target64, selectable_base=base_scope, selectable_source=source_scope)
     weights = LossWeights(causal=3.5, isolate=0.5, sparsity=0.7)
     out = model(batch, mode=mode, loss_weights=weights)
-    loss, logits = literal_four_pass_forward(
-        model, dataclasses.replace(batch, base_intervention_mask=cut), mode=mode, loss_weights=weights
-    )
+    masked = dataclasses.replace(batch, base_intervention_mask=cut["base"], source_intervention_mask=cut["source"])
+    loss, logits = literal_four_pass_forward(model, masked, mode=mode, loss_weights=weights)
     torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
     out.loss.backward()
@@ -347,13 +362,17 @@ def test_an_entity_scoped_step_equals_the_literal_step_on_a_batch_masked_to_the_
     for name in fast:
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-11, msg=name)
     keeps = out.selection[:, -1]  # (B, Tb): the SELF row; 1 wherever nothing is written
-    assert torch.equal(keeps[~cut], torch.ones_like(keeps[~cut]))
+    written = cut["base"].bool()
+    assert torch.equal(keeps[~written], torch.ones_like(keeps[~written]))
+    taken = out.selection[:, :-1].sum(dim=2)  # (B, Ts): what each source token gives
+    assert torch.equal(taken[~cut["source"].bool()], torch.zeros_like(taken[~cut["source"].bool()]))
     if mode == "soft":  # a hard mode may keep an entity token too
-        assert (keeps[cut] < 1).all()
+        assert (keeps[written] < 1).all() and (taken[cut["source"].bool()] > 0).all()
     prefix = _model(target64)(batch, mode=mode, loss_weights=weights)
     assert not torch.allclose(prefix.loss, out.loss)  # the scope changes what is patched
-    batch.base_entity_first = None
-    with pytest.raises(ValueError, match="no base entity positions"):
+    run = "base" if base_scope == "entity" else "source"
+    setattr(batch, f"{run}_entity_first", None)
+    with pytest.raises(ValueError, match=f"no {run} entity positions"):
         model(batch, mode=mode)
 
 
