@@ -34,6 +34,28 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.trainable_named_parameters() if p.grad is not None}
 
 
+def _assert_step_equals_literal(model, batch, mode, weights, literal_batch=None):
+    """The two-pass step's loss, logits and every gradient against the literal four-pass path's, run on
+    ``literal_batch`` (default: the same batch). Returns the step's output and its gradients ({} where nothing
+    trained is on the path)."""
+    out = model(batch, mode=mode, loss_weights=weights)
+    literal_batch = batch if literal_batch is None else literal_batch
+    loss, logits = literal_four_pass_forward(model, literal_batch, mode=mode, loss_weights=weights)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
+    if not loss.requires_grad:
+        return out, {}
+    out.loss.backward()
+    fast = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    slow = _grads(model)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-11, msg=name)
+    return out, fast
+
+
 @pytest.mark.parametrize("mode", SELECTION_MODES)
 @pytest.mark.parametrize("subspace", ["ReflectSelect", "MaskSelect", "DAS", "full"])
 @pytest.mark.parametrize("layer", [0, 2])
@@ -46,23 +68,11 @@ def test_two_pass_step_equals_literal_four_pass(target64, subspace, layer, mode,
         model.set_progress(0.9)  # a temperature of ~5, where the mask is far from σ(0) = 1/2 everywhere
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
     weights = LossWeights(causal=3.5, isolate=0.5, sparsity=0.7)
-    out = model(batch, mode=mode, loss_weights=weights)
-    loss, logits = literal_four_pass_forward(model, batch, mode=mode, loss_weights=weights)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
-    if not loss.requires_grad:  # "full" with the groundtruth selection: nothing trained is on the path
+    _, grads = _assert_step_equals_literal(model, batch, mode, weights)
+    if not grads:  # "full" with the groundtruth selection: nothing trained is on the path
         assert subspace == "full" and mode == "groundtruth"
-        return
-    out.loss.backward()
-    fast = _grads(model)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    slow = _grads(model)
-    assert fast.keys() == slow.keys()
-    if mode != "groundtruth":  # a hard mode trains straight through: every part gets the soft A's gradient
-        assert fast.keys() == {n for n, _ in model.trainable_named_parameters()}
-    for name in fast:
-        torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-11, msg=name)
+    elif mode != "groundtruth":  # a hard mode trains straight through: every part gets the soft A's gradient
+        assert grads.keys() == {n for n, _ in model.trainable_named_parameters()}
 
 
 def test_gradients_reach_every_trained_part(target64):
@@ -298,18 +308,8 @@ def test_an_annealed_selection_temperature_matches_the_literal_softmax_of_logits
     assert model.selection_temperature == pytest.approx(0.625, rel=1e-12)
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
     weights = LossWeights(sparsity=0.7)
-    out = model(batch, mode=mode, loss_weights=weights)
-    loss, logits = literal_four_pass_forward(model, batch, mode=mode, loss_weights=weights)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
-    out.loss.backward()
-    fast = _grads(model)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    slow = _grads(model)
-    assert fast.keys() == slow.keys() and fast
-    for name in fast:
-        torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-11, msg=name)
+    _, grads = _assert_step_equals_literal(model, batch, mode, weights)
+    assert grads
     plain = _model(target64)
     plain_out = plain(batch, mode="soft")
     sharp = model(batch, mode="soft")
@@ -348,19 +348,9 @@ def test_an_entity_scoped_step_equals_the_literal_step_on_masks_cut_to_the_entit
     assert _cut_to_entities(batch, "source").sum(dim=1).tolist() == [3, 1, 2]
     model = _model(target64, selectable_base=base_scope, selectable_source=source_scope)
     weights = LossWeights(causal=3.5, isolate=0.5, sparsity=0.7)
-    out = model(batch, mode=mode, loss_weights=weights)
     masked = dataclasses.replace(batch, base_intervention_mask=cut["base"], source_intervention_mask=cut["source"])
-    loss, logits = literal_four_pass_forward(model, masked, mode=mode, loss_weights=weights)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
-    out.loss.backward()
-    fast = _grads(model)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    slow = _grads(model)
-    assert fast.keys() == slow.keys() == {n for n, _ in model.trainable_named_parameters()}
-    for name in fast:
-        torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-11, msg=name)
+    out, grads = _assert_step_equals_literal(model, batch, mode, weights, literal_batch=masked)
+    assert grads.keys() == {n for n, _ in model.trainable_named_parameters()}
     keeps = out.selection[:, -1]  # (B, Tb): the SELF row; 1 wherever nothing is written
     written = cut["base"].bool()
     assert torch.equal(keeps[~written], torch.ones_like(keeps[~written]))
