@@ -180,6 +180,9 @@ class HyperDASConfig:
     #: and one cross-attention block for both runs instead of one each ("symmetric", needs "both").
     editor_reads: EditorReads = EditorReads.both
     editor_symmetric: bool = False
+    #: residual dropout in the editor: the share of each block's output zeroed in training (0 = none, the
+    #: paper's). A regulariser for the editor, which otherwise fits the training templates (README).
+    editor_dropout: float = 0.0
     #: share the target's (frozen) embedding table instead of training a copy: saves V x D parameters.
     freeze_editor_embeddings: bool = True
     #: MaskSelect's sigmoid temperature, annealed linearly from start to end over training.
@@ -258,6 +261,8 @@ class HyperDASConfig:
             raise ValueError(
                 f"editor_symmetric reads both runs with one block: it needs editor_reads=both, got {self.editor_reads}"
             )
+        if not 0.0 <= self.editor_dropout < 1.0:
+            raise ValueError(f"editor_dropout must be in [0, 1), got {self.editor_dropout}")
         if self.num_editing_heads is not None and self.num_editing_heads < 1:
             raise ValueError(f"num_editing_heads must be >= 1 or None, got {self.num_editing_heads}")
         if not 0 < self.mask_temperature_end <= self.mask_temperature_start:

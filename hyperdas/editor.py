@@ -105,7 +105,9 @@ class EditorLayer(nn.Module):
 
     The paper's ablations: ``reads_source`` / ``reads_base`` False drop that cross-attention block (the editor
     then never attends to that run's tokens); ``symmetric`` reads both runs with ONE cross-attention block (its
-    norm and weights shared by the two reads) instead of one block each.
+    norm and weights shared by the two reads) instead of one block each. ``dropout`` p zeroes each element of
+    every block's output with probability p in training (scaling the rest by 1/(1-p)) before it joins the
+    residual stream: x + drop(block(norm(x))); evaluation (``eval()``) adds the block's output unchanged.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class EditorLayer(nn.Module):
         reads_source: bool = True,
         reads_base: bool = True,
         symmetric: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
         if symmetric and not (reads_source and reads_base):
@@ -136,6 +139,7 @@ class EditorLayer(nn.Module):
         self.symmetric = symmetric
         self.mlp_norm = own(decoder_layer.post_attention_layernorm)
         self.mlp = own(decoder_layer.mlp)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(
         self, x, self_bias, position_embeddings, q_positions, source: RunKeys, base: RunKeys, inv_freq, use_triton
@@ -144,15 +148,16 @@ class EditorLayer(nn.Module):
         attn = self.self_attn(
             hidden_states=self.self_attn_norm(x), position_embeddings=position_embeddings, attention_mask=self_bias
         )
-        x = x + (attn[0] if isinstance(attn, tuple) else attn)
+        drop = self.dropout
+        x = x + drop(attn[0] if isinstance(attn, tuple) else attn)
         if self.source_attn is not None:
-            x = x + self.source_attn(self.source_norm(x), q_positions, source, inv_freq, use_triton)
+            x = x + drop(self.source_attn(self.source_norm(x), q_positions, source, inv_freq, use_triton))
         base_norm, base_attn = (
             (self.source_norm, self.source_attn) if self.symmetric else (self.base_norm, self.base_attn)
         )
         if base_attn is not None:
-            x = x + base_attn(base_norm(x), q_positions, base, inv_freq, use_triton)
-        return x + self.mlp(self.mlp_norm(x))
+            x = x + drop(base_attn(base_norm(x), q_positions, base, inv_freq, use_triton))
+        return x + drop(self.mlp(self.mlp_norm(x)))
 
 
 def _fresh_like(layer: nn.Module, config, index: int) -> nn.Module:
@@ -179,6 +184,7 @@ class Editor(nn.Module):
         reads_source: bool = True,
         reads_base: bool = True,
         symmetric: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
         config = target.config
@@ -190,7 +196,7 @@ class Editor(nn.Module):
         firsts = list(target.layers[:num_layers])
         sources = [_fresh_like(layer, config, i) for i, layer in enumerate(firsts)] if from_scratch else firsts
         self.layers = nn.ModuleList(
-            EditorLayer(layer, config, reads_source, reads_base, symmetric) for layer in sources
+            EditorLayer(layer, config, reads_source, reads_base, symmetric, dropout) for layer in sources
         )
         self.final_norm = copy.deepcopy(target.final_norm)
         self.rotary_emb = copy.deepcopy(target.rotary_emb)

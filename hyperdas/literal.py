@@ -130,8 +130,9 @@ def _self_attention(block, x, positions, token_mask, inv_freq, head_dim):
     return _linear(_attention(q, k, v, allowed), block.o_proj)
 
 
-def _encoding(model: HyperDAS, batch: PairBatch, source_states, base_states) -> torch.Tensor:
-    """The editor's final-normed state at the last instruction token, e: (B, D)."""
+def _encoding(model: HyperDAS, batch: PairBatch, source_states, base_states, block_masks=None) -> torch.Tensor:
+    """The editor's final-normed state at the last instruction token, e: (B, D). ``block_masks``: residual
+    dropout's multipliers, x + m ⊙ block(norm(x)), one (B, Te, D) per block in order; None = all ones."""
     editor, target = model.editor, model.target
     config = target.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -142,15 +143,20 @@ def _encoding(model: HyperDAS, batch: PairBatch, source_states, base_states) -> 
     positions = _real_positions(mask)
     source = _cross_keys(source_states, batch.source_attention_mask, batch.source_intervention_mask)
     base = _cross_keys(base_states, batch.base_attention_mask, batch.base_intervention_mask)
+    masks = iter(block_masks) if block_masks is not None else None
+
+    def dropped(out):
+        return out if masks is None else out * next(masks)
+
     for layer in editor.layers:
         normed = _llama_rms_norm(x, layer.self_attn_norm)
-        x = x + _self_attention(layer.self_attn, normed, positions, mask, inv_freq, head_dim)
+        x = x + dropped(_self_attention(layer.self_attn, normed, positions, mask, inv_freq, head_dim))
         normed = _llama_rms_norm(x, layer.source_norm)
-        x = x + _cross_attention(layer.source_attn, normed, positions, source, inv_freq, head_dim)
+        x = x + dropped(_cross_attention(layer.source_attn, normed, positions, source, inv_freq, head_dim))
         normed = _llama_rms_norm(x, layer.base_norm)
-        x = x + _cross_attention(layer.base_attn, normed, positions, base, inv_freq, head_dim)
+        x = x + dropped(_cross_attention(layer.base_attn, normed, positions, base, inv_freq, head_dim))
         mlp = layer.mlp
-        x = x + _swiglu(_llama_rms_norm(x, layer.mlp_norm), mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        x = x + dropped(_swiglu(_llama_rms_norm(x, layer.mlp_norm), mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     return _llama_rms_norm(x, editor.final_norm)[:, -1]
 
 
@@ -322,14 +328,20 @@ def _run_collecting_states(model: HyperDAS, ids: torch.Tensor, mask: torch.Tenso
 
 
 def literal_four_pass_forward(
-    model: HyperDAS, batch: PairBatch, mode: str = "soft", loss_weights: LossWeights | None = None
+    model: HyperDAS,
+    batch: PairBatch,
+    mode: str = "soft",
+    loss_weights: LossWeights | None = None,
+    block_masks: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's step, literally: returns (loss, logits at the label positions (B, P, V))."""
+    """The reference's step, literally: returns (loss, logits at the label positions (B, P, V)).
+    ``block_masks``: the editor's residual-dropout multipliers (zeros and 1/(1-p)), one (B, Te, D) per editor
+    block in order (self-attention, source, base, MLP of each layer); None = no dropout."""
     with model.precision_context(batch.base_input_ids.device):
-        return _literal_four_pass(model, batch, mode, loss_weights)
+        return _literal_four_pass(model, batch, mode, loss_weights, block_masks)
 
 
-def _literal_four_pass(model, batch, mode, loss_weights):
+def _literal_four_pass(model, batch, mode, loss_weights, block_masks=None):
     k = model.config.intervention_layer
     base_ids, base_att = batch.base_input_ids, batch.base_attention_mask
     src_ids, src_att = batch.source_input_ids, batch.source_attention_mask
@@ -337,7 +349,7 @@ def _literal_four_pass(model, batch, mode, loss_weights):
         _, base_states = _run_collecting_states(model, base_ids, base_att)  # pass 1
         _, source_states = _run_collecting_states(model, src_ids, src_att)  # pass 2
         _, source_again = _run_collecting_states(model, src_ids, src_att)  # pass 3: layer k only
-    encoding = _encoding(model, batch, source_states, base_states)
+    encoding = _encoding(model, batch, source_states, base_states, block_masks)
     h, s = base_states[:, :, k], source_again[:, :, k]
     soft = _soft_selection(model, encoding, h, s, batch)
     selection = _hard_selection(soft, mode, batch)

@@ -182,6 +182,7 @@ class HyperDAS(nn.Module):
             reads_source=config.editor_reads != "base",
             reads_base=config.editor_reads != "source",
             symmetric=config.editor_symmetric,
+            dropout=config.editor_dropout,
         )
         self.editor.gradient_checkpointing = config.checkpoint_editor_layers
         self.editor.use_triton = config.use_fused_kernels  # every fused op takes the one switch

@@ -39,6 +39,10 @@ MODEL_VS_ORACLE = "tests/hyperdas/test_model.py::test_two_pass_step_equals_liter
 ENTITY_SCOPE_VS_ORACLE = (
     "tests/hyperdas/test_model.py::test_an_entity_scoped_step_equals_the_literal_step_on_masks_cut_to_the_entities"
 )
+EDITOR_DROPOUT_VS_ORACLE = (
+    "tests/hyperdas/test_model.py::"
+    "test_editor_dropout_drops_every_blocks_output_before_the_residual_and_only_in_training"
+)
 CURVE_VS_PLAIN_RUN = (
     "tests/train/test_trainer.py::test_a_learning_curve_changes_nothing_about_training_and_scores_the_model_of_its_step"
 )
@@ -99,6 +103,13 @@ MUTATIONS = (
         "positions = (token_positions[:, :, None] * n + layer_index).reshape(b, width * n)",
         "positions = (token_positions[:, :, None] * n + 0 * layer_index).reshape(b, width * n)",
         ("tests/hyperdas/test_editor.py", MODEL_VS_ORACLE),
+    ),
+    Mutation(
+        "editor dropout applied after the MLP's residual instead of to its output",
+        "hyperdas/editor.py",
+        "return x + drop(self.mlp(self.mlp_norm(x)))",
+        "return drop(x + self.mlp(self.mlp_norm(x)))",
+        (EDITOR_DROPOUT_VS_ORACLE,),
     ),
     Mutation(
         "the selection head's query not rotated (PyTorch path)",

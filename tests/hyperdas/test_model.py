@@ -34,13 +34,15 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.trainable_named_parameters() if p.grad is not None}
 
 
-def _assert_step_equals_literal(model, batch, mode, weights, literal_batch=None):
+def _assert_step_equals_literal(model, batch, mode, weights, literal_batch=None, block_masks=None):
     """The two-pass step's loss, logits and every gradient against the literal four-pass path's, run on
-    ``literal_batch`` (default: the same batch). Returns the step's output and its gradients ({} where nothing
-    trained is on the path)."""
+    ``literal_batch`` (default: the same batch) with the editor's dropout ``block_masks``. Returns the step's
+    output and its gradients ({} where nothing trained is on the path)."""
     out = model(batch, mode=mode, loss_weights=weights)
     literal_batch = batch if literal_batch is None else literal_batch
-    loss, logits = literal_four_pass_forward(model, literal_batch, mode=mode, loss_weights=weights)
+    loss, logits = literal_four_pass_forward(
+        model, literal_batch, mode=mode, loss_weights=weights, block_masks=block_masks
+    )
     torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.logits, logits, rtol=1e-10, atol=1e-10)
     if not loss.requires_grad:
@@ -232,6 +234,8 @@ def test_loading_into_a_mismatched_config_is_a_clear_error(target64, tmp_path):
         ({"chop_editor_at_layer": 4}, r"chop_editor_at_layer 4 exceeds"),
         ({"selectable_base": "suffix"}, r"unknown selectable_base 'suffix'; allowed: \['prefix', 'entity'\]"),
         ({"selectable_source": "all"}, r"unknown selectable_source 'all'; allowed: \['prefix', 'entity'\]"),
+        ({"editor_dropout": 1.0}, r"editor_dropout must be in \[0, 1\), got 1.0"),
+        ({"editor_dropout": -0.1}, r"editor_dropout must be in \[0, 1\), got -0.1"),
     ],
 )
 def test_bad_config_is_a_clear_error(target64, overrides, message):
@@ -314,6 +318,47 @@ def test_an_annealed_selection_temperature_matches_the_literal_softmax_of_logits
     plain_out = plain(batch, mode="soft")
     sharp = model(batch, mode="soft")
     assert not torch.allclose(plain_out.selection, sharp.selection)  # τ is really applied
+
+
+class _GivenMasks(torch.nn.Module):
+    """Stands in for a layer's dropout: multiplies each block's output by the next of the given masks."""
+
+    def __init__(self, masks):
+        super().__init__()
+        self.masks = iter(masks)
+
+    def forward(self, x):
+        return x * next(self.masks)
+
+
+def test_editor_dropout_drops_every_blocks_output_before_the_residual_and_only_in_training(
+    target64, llama_in_float64
+):
+    """With each layer's dropout replaced by known masks (zeros and 1/(1-p), as nn.Dropout draws them), the step
+    equals the literal step that multiplies each block's output by the same mask before adding it to the
+    residual: same loss, logits and every gradient. nn.Dropout itself is live in train() and off in eval(),
+    where the model equals one built without dropout."""
+    p = 0.4
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
+    weights = LossWeights(causal=3.5, isolate=0.5, sparsity=0.7)
+    model = _model(target64, editor_dropout=p)
+    assert all(layer.dropout.p == p for layer in model.editor.layers)
+    g = torch.Generator().manual_seed(5)
+    width = target64.hidden_size
+    blocks = 4 * len(model.editor.layers)  # self-attention, source, base, MLP
+    masks = [(torch.rand(3, 5, width, generator=g) >= p).double() / (1 - p) for _ in range(blocks)]
+    for i, layer in enumerate(model.editor.layers):
+        layer.dropout = _GivenMasks(masks[4 * i : 4 * i + 4])
+    _, grads = _assert_step_equals_literal(model, batch, "soft", weights, block_masks=masks)
+    assert grads.keys() == {n for n, _ in model.trainable_named_parameters()}
+    plain_loss = _model(target64)(batch, loss_weights=weights).loss
+    dropping = _model(target64, editor_dropout=p)
+    torch.manual_seed(1)
+    first = dropping(batch, loss_weights=weights).loss
+    torch.manual_seed(2)
+    assert not torch.allclose(first, dropping(batch, loss_weights=weights).loss)  # drawn anew each step
+    dropping.eval()
+    torch.testing.assert_close(dropping(batch, loss_weights=weights).loss, plain_loss, rtol=0, atol=0)
 
 
 def _cut_to_entities(batch, run: str) -> torch.Tensor:
