@@ -111,9 +111,12 @@ class MaskSelect(nn.Module):
             raise ValueError(f"MaskSelect temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
+    def _scaled_logits(self, encoding: torch.Tensor) -> torch.Tensor:
+        return at_least_fp32(self.mask_logits(encoding)) / self.temperature  # z/τ: (B, r)
+
     def mask(self, encoding: torch.Tensor) -> torch.Tensor:
         """m (B, r) in (0, 1): how much of each basis direction each example patches."""
-        return torch.sigmoid(at_least_fp32(self.mask_logits(encoding)) / self.temperature)
+        return torch.sigmoid(self._scaled_logits(encoding))
 
     def describe(self, encoding: torch.Tensor) -> dict[str, torch.Tensor]:
         """What an analysis of the chosen subspaces reads per example: the mask m (B, r)."""
@@ -127,8 +130,13 @@ class MaskSelect(nn.Module):
         self.set_temperature(float(state))
 
     def forward(self, encoding: torch.Tensor) -> torch.Tensor:
-        """encoding: (B, D) -> W: (B, D, r), at least float32."""
-        return self.rotation()[None] * self.mask(encoding).sqrt()[:, None, :]
+        """encoding: (B, D) -> W: (B, D, r), at least float32.
+
+        √m is computed as exp(½·log σ(z/τ)): its gradient ½·√m·(1 − m) is finite everywhere, where sqrt(m)'s
+        1/(2√m) is infinite once σ underflows to 0 (z/τ below about −103 in fp32), and inf · σ'(≈0) is NaN.
+        """
+        root = torch.exp(0.5 * F.logsigmoid(self._scaled_logits(encoding)))  # √m: (B, r)
+        return self.rotation()[None] * root[:, None, :]
 
 
 class StaticDAS(nn.Module):

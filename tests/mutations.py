@@ -105,6 +105,13 @@ MUTATIONS = (
         ("tests/hyperdas/test_editor.py", MODEL_VS_ORACLE),
     ),
     Mutation(
+        "MaskSelect's square root of the mask taken after the sigmoid (NaN gradient where it underflows)",
+        "hyperdas/subspace.py",
+        "root = torch.exp(0.5 * F.logsigmoid(self._scaled_logits(encoding)))",
+        "root = torch.sigmoid(self._scaled_logits(encoding)).sqrt()",
+        ("tests/hyperdas/test_subspace.py",),
+    ),
+    Mutation(
         "editor dropout applied after the MLP's residual instead of to its output",
         "hyperdas/editor.py",
         "return x + drop(self.mlp(self.mlp_norm(x)))",

@@ -77,3 +77,22 @@ def test_mask_select_temperature_is_in_the_state_dict_and_stays_float64():
     assert fresh.temperature == 0.1
     with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
         fresh.set_temperature(0.0)
+
+
+def test_mask_select_gradient_stays_finite_where_the_mask_underflows_to_zero():
+    """Columns whose z/τ lies far below −103 have σ(z/τ) = 0 in fp32, where d√m/dm = 1/(2√m) is infinite and the
+    chain rule gives inf · 0 = NaN. W must still equal R·diag(√σ(z/τ)) (checked in float64, where nothing
+    underflows at these values) and every gradient must be finite."""
+    torch.manual_seed(0)
+    sub = MaskSelect(D, R, temperature=0.5)
+    with torch.no_grad():
+        sub.mask_logits.down.weight.mul_(2000.0)  # logits of a few hundred: some columns at z/τ << −103
+    encoding = torch.randn(5, D)
+    logits = sub.mask_logits(encoding) / 0.5
+    assert (logits < -120).any() and (logits > -60).any()  # both underflowing and ordinary columns
+    w = sub(encoding)
+    expected = sub.rotation().double()[None] * torch.sigmoid(logits.double()).sqrt()[:, None, :]
+    torch.testing.assert_close(w.double(), expected, rtol=1e-5, atol=1e-30)
+    (w * torch.randn_like(w)).sum().backward()
+    for name, param in sub.named_parameters():
+        assert torch.isfinite(param.grad).all(), name
