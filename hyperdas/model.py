@@ -80,12 +80,14 @@ class Encoded:
 
 @dataclass
 class BatchEvaluation:
-    """One evaluation batch: label logits (B, P, V) and the selection used, per mode and reference, and the
-    subspace module's per-example analysis vectors (``describe``: ReflectSelect's reflection v (B, D), ...)."""
+    """One evaluation batch: label logits (B, P, V) and the selection used, per mode and reference, the
+    subspace module's per-example analysis vectors (``describe``: ReflectSelect's reflection v (B, D), ...) and
+    the basis W it patched with ((B, D, r) per example, (D, r) static, None for the whole vector)."""
 
     logits: dict[str, torch.Tensor]
     selections: dict[str, torch.Tensor | None]
     analysis: dict[str, torch.Tensor]
+    basis: torch.Tensor | None = None
 
 
 @dataclass
@@ -431,7 +433,7 @@ class HyperDAS(nn.Module):
             for mode in modes:
                 selections[mode] = groundtruth if mode == "groundtruth" else self.select(batch, encoded, mode)
                 logits[mode] = self.intervene(batch, encoded, selections[mode])
-            return BatchEvaluation(logits, selections, self.subspace.describe(encoded.encoding))
+            return BatchEvaluation(logits, selections, self.subspace.describe(encoded.encoding), encoded.basis)
 
     # --- persistence (the trained parts and the config; never the target's weights) ----------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

@@ -104,6 +104,16 @@ def curve_table(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def overlap_table(overlap: dict[str, dict[str, float | None]]) -> str:
+    """Markdown: the attribute x attribute table of hyperdas.subspace_overlap's mean cosines."""
+    names = list(overlap)
+    lines = ["| attribute | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for a in names:
+        cells = ("-" if overlap[a][b] is None else f"{overlap[a][b]:.3f}" for b in names)
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_report(
     metrics: dict,
     history: list[dict],
@@ -111,6 +121,7 @@ def render_report(
     figures: dict[str, str] | None = None,
     split: str = "test",
     curve: list[dict] | None = None,
+    overlap: dict[str, dict[str, float | None]] | None = None,
 ) -> str:
     """report.md: results beside floor and ceiling, selection statistics, training summary, figures, config.
 
@@ -118,6 +129,7 @@ def render_report(
         figures: "heatmap", "positions", "pca", "curve" -> file names of the figures written beside the report.
         split: the rows evaluated; "train" is said in the title and the first line, so it is not read as a result.
         curve: the learning curve's points (train.learning_curve), if the run took any.
+        overlap: the subspaces' overlap by attribute (hyperdas.subspace_overlap), if the module chooses per example.
     """
     figures = figures or {}
     evaluated = (
@@ -185,6 +197,16 @@ def render_report(
             "subspace_analysis.safetensors.",
             "",
             f"![pca]({figures['pca']})",
+            "",
+        ]
+    if overlap:
+        parts += [
+            "How much two examples' subspaces share: the mean cosine of their patch operators W Wᵀ (1 = the same "
+            "subspace, 0 = orthogonal; for orthonormal W, the mean squared cosine of the principal angles), by "
+            "the attribute each instruction names (subspace_overlap.json). ReflectSelect's is at least (r − 2)/r "
+            "by construction: one reflection of a shared basis cannot give attributes subspaces of their own.",
+            "",
+            overlap_table(overlap),
             "",
         ]
     heatmap_file = figures.get("heatmap")

@@ -112,6 +112,13 @@ MUTATIONS = (
         ("tests/hyperdas/test_subspace.py",),
     ),
     Mutation(
+        "the subspace overlap's diagonal counts each example paired with itself",
+        "hyperdas/subspace_overlap.py",
+        "out[a][b] = (inner - na) / (na * (na - 1)) if na > 1 else None",
+        "out[a][b] = inner / (na * na) if na > 1 else None",
+        ("tests/hyperdas/test_subspace_overlap.py",),
+    ),
+    Mutation(
         "editor dropout applied after the MLP's residual instead of to its output",
         "hyperdas/editor.py",
         "return x + drop(self.mlp(self.mlp_norm(x)))",

@@ -10,7 +10,8 @@ patches and runs layers k..end. Beside the modes every report carries, on the sa
 Each mode's summary also says where its selection puts the mass it moves (``selection_stats``): the share
 landing on base entity tokens, the share taken from source entity tokens, per position class, and the moved
 mass itself. The subspace module's per-example vectors (ReflectSelect's reflection v) are saved for analysis
-(subspace_analysis.safetensors, with a PCA plot by attribute).
+(subspace_analysis.safetensors, with a PCA plot by attribute), and how much the examples' subspaces share, per
+pair of attributes (hyperdas.subspace_overlap; subspace_overlap.json and the report).
 
 Each process evaluates a contiguous shard of the chosen test examples (padded to equal length, so every process
 runs the same number of forwards, which a ZeRO-3-partitioned target needs); records are gathered by index.
@@ -39,6 +40,7 @@ from hyperdas.report import (
     save_selection_heatmaps,
 )
 from hyperdas.selection_stats import selection_stats, summarize_selection
+from hyperdas.subspace_overlap import SubspaceOverlap
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -46,6 +48,7 @@ HEATMAP_FILE = "selection_heatmap.png"
 POSITIONS_FILE = "selection_positions.png"
 ANALYSIS_FILE = "subspace_analysis.safetensors"
 PCA_FILE = "subspace_pca.png"
+OVERLAP_FILE = "subspace_overlap.json"
 CURVE_PLOT = "learning_curve.png"
 REFERENCES = (FLOOR, CEILING)
 
@@ -57,10 +60,13 @@ class Analysis:
     Attributes:
         vectors: name -> (n, dim), e.g. ReflectSelect's "reflection" v (n, D), MaskSelect's "mask" (n, r).
         labels: per row: index (into the test split), attribute and attribute_type.
+        overlap: {a: {b: mean cosine of two examples' patch operators}} by attribute (hyperdas.subspace_overlap),
+            None for a module without per-example bases.
     """
 
     vectors: dict[str, torch.Tensor]
     labels: list[dict]
+    overlap: dict[str, dict[str, float | None]] | None = None
 
 
 @dataclass
@@ -157,6 +163,7 @@ def evaluate(
     vectors: dict[str, list[torch.Tensor]] = {}
     labels: list[dict] = []
     described: set[int] = set()
+    overlap = SubspaceOverlap()
     try:
         for start in tqdm(range(0, len(mine), batch_size), desc="eval", disable=rank != 0, leave=False):
             indices = mine[start : start + batch_size]
@@ -179,6 +186,8 @@ def evaluate(
                 described.update(indices)
                 for key, value in out.analysis.items():
                     vectors.setdefault(key, []).append(value.float().cpu()[fresh])
+                if out.basis is not None and out.basis.dim() == 3 and fresh:
+                    overlap.add(out.basis[fresh], [batch.attribute[b] for b in fresh])
                 labels += [
                     {
                         "index": indices[b],
@@ -194,7 +203,8 @@ def evaluate(
         metrics[name] = summarize(_gather(records[name]))
         if name in stats:
             metrics[name]["selection"] = summarize_selection(_gather(stats[name]))
-    analysis = Analysis({k: torch.cat(v) for k, v in vectors.items()}, labels) if vectors else None
+    table = overlap.table() or None
+    analysis = Analysis({k: torch.cat(v) for k, v in vectors.items()}, labels, table) if vectors else None
     pictured = []
     if heatmaps and "soft" in stats:
         shown = [r for r in stats["soft"] if r["index"] in heatmaps]
@@ -286,8 +296,13 @@ def write_evaluation(
         name, vectors = next(iter(result.analysis.vectors.items()))
         save_pca_plot(vectors, result.analysis.labels, name, out_dir / PCA_FILE)
         figures["pca"] = PCA_FILE
+        if result.analysis.overlap is not None:
+            (out_dir / OVERLAP_FILE).write_text(json.dumps(result.analysis.overlap, indent=2) + "\n")
     if curve:
         save_curve_plot(curve, out_dir / CURVE_PLOT)
         figures["curve"] = CURVE_PLOT
-    report = render_report(result.metrics, history, run_config, figures, split=result.split, curve=curve)
+    overlap = result.analysis.overlap if result.analysis is not None else None
+    report = render_report(
+        result.metrics, history, run_config, figures, split=result.split, curve=curve, overlap=overlap
+    )
     (out_dir / REPORT_FILE).write_text(report)

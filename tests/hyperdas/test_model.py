@@ -331,9 +331,7 @@ class _GivenMasks(torch.nn.Module):
         return x * next(self.masks)
 
 
-def test_editor_dropout_drops_every_blocks_output_before_the_residual_and_only_in_training(
-    target64, llama_in_float64
-):
+def test_editor_dropout_drops_every_blocks_output_before_the_residual_and_only_in_training(target64, llama_in_float64):
     """With each layer's dropout replaced by known masks (zeros and 1/(1-p), as nn.Dropout draws them), the step
     equals the literal step that multiplies each block's output by the same mask before adding it to the
     residual: same loss, logits and every gradient. nn.Dropout itself is live in train() and off in eval(),

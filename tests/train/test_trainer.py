@@ -143,6 +143,13 @@ def test_run_writes_the_run_folder(tiny_run):
     assert "| soft | **overall** |" in report and "| floor | **overall** |" in report
     assert "- soft: disentangle" in report and "points over the floor" in report
     assert "| soft |" in report.split("By position class")[1] and "![pca](subspace_pca.png)" in report
+    overlap = json.loads((out / "subspace_overlap.json").read_text())
+    attributes = sorted({r["attribute"] for r in labels})
+    assert sorted(overlap) == attributes and all(sorted(row) == attributes for row in overlap.values())
+    r = config.model.das_dimension  # ReflectSelect's subspaces share r − 2 of r dimensions at least
+    values = [v for row in overlap.values() for v in row.values() if v is not None]
+    assert values and all((r - 2) / r - 1e-6 <= v <= 1 + 1e-6 for v in values)
+    assert "| attribute | " + " | ".join(attributes) + " |" in report
     assert len(_losses(out)) == 5
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_000004", "step_000005"]  # the last two are kept
