@@ -29,9 +29,16 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {folder} is not a hyperdas run or baseline folder")
         try:
-            runs[str(folder)] = json.loads(path.read_text())
+            metrics = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err})") from err
+        entries = metrics.values() if isinstance(metrics, dict) else ()
+        if not entries or not all(isinstance(e, dict) and {"per_attribute", "overall"} <= e.keys() for e in entries):
+            raise ValueError(
+                f"{path} is not a metrics.json: each entry (floor, a mode, mdas@L...) needs per_attribute and "
+                f"overall; its entries are {list(metrics)[:6] if isinstance(metrics, dict) else type(metrics).__name__}"
+            )
+        runs[str(folder)] = metrics
     table = comparison_table(runs)
     if args.out:
         Path(args.out).write_text(table + "\n")

@@ -45,6 +45,15 @@ def test_bad_input_is_refused_quickly_with_a_clear_message(argv, message, capsys
     assert not (tmp_path / "runs").exists()
 
 
+def test_compare_refuses_a_json_that_is_not_a_metrics_file(tmp_path, capsys):
+    """A run folder's subspace_overlap.json (or any other JSON) is named, not read as results."""
+    path = tmp_path / "subspace_overlap.json"
+    path.write_text(json.dumps({"Country": {"Country": 0.97, "Continent": 0.95}}))
+    assert main(["compare", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is not a metrics.json" in err and "['Country']" in err, err
+
+
 def test_eval_reads_a_saved_checkpoint_and_writes_results(smollm2, tmp_path, monkeypatch, capsys):
     from datasets import Dataset
 
