@@ -170,6 +170,9 @@ class HyperDASConfig:
     #: how the subspace is chosen: a per-example reflection of a learned basis (default), a mask, one static
     #: basis for every example, or the whole vector.
     subspace_module: SubspaceModule = SubspaceModule.ReflectSelect
+    #: K: ReflectSelect's Householder reflections per example, W = H_K ··· H_1 R. Paper: 1, with which any two
+    #: examples' subspaces share r − 2 of r dimensions (README); K lets them differ in up to 2K.
+    num_reflections: int = 1
     #: L: editor depth, built from the target's first L decoder layers. Paper's best ablation: 8.
     chop_editor_at_layer: int = 2
     #: heads of the selection head; None = the target's number of attention heads.
@@ -260,6 +263,12 @@ class HyperDASConfig:
         if self.editor_symmetric and self.editor_reads != EditorReads.both:
             raise ValueError(
                 f"editor_symmetric reads both runs with one block: it needs editor_reads=both, got {self.editor_reads}"
+            )
+        if self.num_reflections < 1:
+            raise ValueError(f"num_reflections must be >= 1, got {self.num_reflections}")
+        if self.num_reflections > 1 and self.subspace_module != SubspaceModule.ReflectSelect:
+            raise ValueError(
+                f"num_reflections {self.num_reflections} applies to ReflectSelect only, not {self.subspace_module}"
             )
         if not 0.0 <= self.editor_dropout < 1.0:
             raise ValueError(f"editor_dropout must be in [0, 1), got {self.editor_dropout}")

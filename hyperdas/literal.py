@@ -264,10 +264,15 @@ def _basis(model: HyperDAS, encoding: torch.Tensor) -> torch.Tensor | None:
     mlp = sub.reflector if name == "ReflectSelect" else sub.mask_logits
     out = _wide(_swiglu(_rms_norm(e, mlp.norm), mlp.gate, mlp.up, mlp.down))
     if name == "ReflectSelect":
-        v = out / out.norm(dim=-1, keepdim=True)
-        eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
-        householder = eye - 2.0 * v[:, :, None] * v[:, None, :]  # (B, D, D)
-        return householder @ rotation
+        d = rotation.shape[0]
+        eye = torch.eye(d, dtype=out.dtype, device=out.device)
+        basis = rotation[None].expand(b, -1, -1)
+        for k in range(out.shape[-1] // d):  # W = H_K ··· H_1 R
+            v = out[:, k * d : (k + 1) * d]
+            v = v / v.norm(dim=-1, keepdim=True)
+            householder = eye - 2.0 * v[:, :, None] * v[:, None, :]  # (B, D, D)
+            basis = householder @ basis
+        return basis
     if name == "MaskSelect":
         mask = torch.sigmoid(out / float(sub.temperature))  # (B, r)
         return rotation[None] * mask.sqrt()[:, None, :]

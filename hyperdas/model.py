@@ -193,7 +193,9 @@ class HyperDAS(nn.Module):
             # WHICH without WHERE: no step reads the head, so it is frozen rather than left to the optimizer,
             # which under ZeRO-3 moved it anyway (tests/train/test_deepspeed_zero.py)
             self.selection_head.requires_grad_(False)
-        self.subspace = build_subspace(config.subspace_module, d, config.das_dimension, config.mask_temperature_start)
+        self.subspace = build_subspace(
+            config.subspace_module, d, config.das_dimension, config.mask_temperature_start, config.num_reflections
+        )
         # training anneals it from the start value (set_progress); a built or loaded model selects at the end one
         self.selection_temperature = config.selection_temperature_end
         #: the trained parts' autocast dtype (a run's precision; train/engine.py sets it), None = the target's

@@ -62,33 +62,44 @@ class SwiGLU(nn.Module):
 
 
 class ReflectSelect(nn.Module):
-    """W = (I − 2vvᵀ) R = R − 2 v (vᵀR), v = u/‖u‖, u = SwiGLU(RMSNorm(e)).
+    """W = H_K ··· H_1 R, H_k = I − 2 v_k v_kᵀ, v_k = u_k/‖u_k‖, (u_1 … u_K) = SwiGLU(RMSNorm(e)).
 
-    A Householder reflection of a shared orthonormal basis R, chosen per example. Computed in the right-hand
-    form, O(B·D·r); no (B, D, D) Householder matrix is ever made. W keeps orthonormal columns because a
-    reflection is orthogonal.
+    Householder reflections of a shared orthonormal basis R, chosen per example; K = 1 is the paper's
+    W = (I − 2vvᵀ) R = R − 2 v (vᵀR). Each reflection is applied in the right-hand form, W ← W − 2 v_k (v_kᵀ W),
+    O(B·D·r) each; no (B, D, D) Householder matrix is ever made. W keeps orthonormal columns because reflections
+    are orthogonal. One reflection leaves the r − 1 directions of span(R) orthogonal to v in place, so any two
+    examples' subspaces share r − 2 dimensions (hyperdas.subspace_overlap); K reflections leave r − K, so K lets
+    the examples' subspaces differ in up to 2K of r dimensions.
     """
 
-    def __init__(self, hidden_size: int, rank: int):
+    def __init__(self, hidden_size: int, rank: int, reflections: int = 1):
         super().__init__()
+        if reflections < 1:
+            raise ValueError(f"reflections must be >= 1, got {reflections}")
         self.rotation = OrthonormalBasis(hidden_size, rank)
-        self.reflector = SwiGLU(hidden_size, hidden_size, hidden_size)
+        self.reflections = reflections
+        self.reflector = SwiGLU(hidden_size, hidden_size, reflections * hidden_size)
 
     def reflection(self, encoding: torch.Tensor) -> torch.Tensor:
-        """v (B, D): each example's unit reflection vector."""
+        """v (B, K·D): each example's K unit reflection vectors, v_1 first."""
         u = at_least_fp32(self.reflector(encoding))
-        return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        u = u.view(*u.shape[:-1], self.reflections, -1)  # (B, K, D)
+        return (u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)).flatten(-2)
 
     def describe(self, encoding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What an analysis of the chosen subspaces reads per example: the reflection vector v (B, D)."""
+        """What an analysis of the chosen subspaces reads per example: the reflection vectors v (B, K·D)."""
         return {"reflection": self.reflection(encoding)}
 
     def forward(self, encoding: torch.Tensor) -> torch.Tensor:
         """encoding: (B, D) -> W: (B, D, r), at least float32 (R evaluated once for the batch)."""
         basis = self.rotation()  # (D, r)
-        v = self.reflection(encoding)  # (B, D)
-        vtr = v @ basis  # (B, r)
-        return basis[None] - 2.0 * v[:, :, None] * vtr[:, None, :]  # (B, D, r)
+        vs = self.reflection(encoding).unflatten(-1, (self.reflections, -1))  # (B, K, D)
+        v = vs[:, 0]
+        w = basis[None] - 2.0 * v[:, :, None] * (v @ basis)[:, None, :]  # H_1 R: (B, D, r)
+        for k in range(1, self.reflections):
+            v = vs[:, k]
+            w = w - 2.0 * v[:, :, None] * (v[:, None, :] @ w)  # H_k W
+        return w
 
 
 class MaskSelect(nn.Module):
@@ -166,10 +177,12 @@ class FullSubspace(nn.Module):
         return None
 
 
-def build_subspace(name: str, hidden_size: int, rank: int, temperature: float = 50.0) -> nn.Module:
-    """The subspace module called ``name`` (one of config.SUBSPACE_MODULES)."""
+def build_subspace(
+    name: str, hidden_size: int, rank: int, temperature: float = 50.0, reflections: int = 1
+) -> nn.Module:
+    """The subspace module called ``name`` (one of config.SUBSPACE_MODULES); ``reflections`` is ReflectSelect's K."""
     if name == "ReflectSelect":
-        return ReflectSelect(hidden_size, rank)
+        return ReflectSelect(hidden_size, rank, reflections)
     if name == "MaskSelect":
         return MaskSelect(hidden_size, rank, temperature)
     if name == "DAS":

@@ -119,6 +119,13 @@ MUTATIONS = (
         ("tests/hyperdas/test_subspace_overlap.py",),
     ),
     Mutation(
+        "ReflectSelect applies only its first reflection when given several",
+        "hyperdas/subspace.py",
+        "for k in range(1, self.reflections):",
+        "for k in range(1, 1):",
+        ("tests/hyperdas/test_model.py::test_several_reflections_equal_the_literal_product_of_householder_matrices",),
+    ),
+    Mutation(
         "editor dropout applied after the MLP's residual instead of to its output",
         "hyperdas/editor.py",
         "return x + drop(self.mlp(self.mlp_norm(x)))",

@@ -235,6 +235,11 @@ def test_loading_into_a_mismatched_config_is_a_clear_error(target64, tmp_path):
         ({"selectable_base": "suffix"}, r"unknown selectable_base 'suffix'; allowed: \['prefix', 'entity'\]"),
         ({"selectable_source": "all"}, r"unknown selectable_source 'all'; allowed: \['prefix', 'entity'\]"),
         ({"editor_dropout": 1.0}, r"editor_dropout must be in \[0, 1\), got 1.0"),
+        ({"num_reflections": 0}, r"num_reflections must be >= 1, got 0"),
+        (
+            {"num_reflections": 2, "subspace_module": "MaskSelect"},
+            r"num_reflections 2 applies to ReflectSelect only, not MaskSelect",
+        ),
         ({"editor_dropout": -0.1}, r"editor_dropout must be in \[0, 1\), got -0.1"),
     ],
 )
@@ -318,6 +323,24 @@ def test_an_annealed_selection_temperature_matches_the_literal_softmax_of_logits
     plain_out = plain(batch, mode="soft")
     sharp = model(batch, mode="soft")
     assert not torch.allclose(plain_out.selection, sharp.selection)  # τ is really applied
+
+
+@pytest.mark.parametrize("mode", ["soft", "column_argmax"])
+def test_several_reflections_equal_the_literal_product_of_householder_matrices(target64, mode, llama_in_float64):
+    """K = 3: the step's W ← W − 2 v_k (v_kᵀ W), k = 1..3, against the literal (B, D, D) product H_3 H_2 H_1 R:
+    same loss, logits and every gradient; W keeps orthonormal columns and differs from the one-reflection W."""
+    model = _model(target64, num_reflections=3)
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
+    _, grads = _assert_step_equals_literal(model, batch, mode, LossWeights(causal=3.5, isolate=0.5, sparsity=0.7))
+    assert grads.keys() == {n for n, _ in model.trainable_named_parameters()}
+    with torch.no_grad():
+        encoding = torch.randn(4, target64.hidden_size, dtype=torch.float64)
+        w = model.subspace(encoding)
+        rotation = model.subspace.rotation()
+        v = model.subspace.reflection(encoding)[:, : target64.hidden_size]  # v_1
+        first_only = rotation[None] - 2.0 * v[:, :, None] * (v @ rotation)[:, None, :]
+    torch.testing.assert_close(w.transpose(1, 2) @ w, torch.eye(5, dtype=torch.float64).expand(4, 5, 5))
+    assert (w - first_only).abs().max() > 1e-3  # the later reflections do act
 
 
 class _GivenMasks(torch.nn.Module):

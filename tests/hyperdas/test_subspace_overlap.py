@@ -63,6 +63,17 @@ def test_reflect_select_subspaces_share_all_but_two_dimensions():
     assert min(pairs) >= 5 / 7 - 1e-12 and min(pairs) < 5 / 7 + 0.1
 
 
+def test_k_reflections_let_two_subspaces_share_as_few_as_r_minus_2k_dimensions():
+    """With K = 3 reflections of a rank-7 basis in D = 17 the bound falls to (7 − 6)/7, and random reflections go
+    well below the one-reflection bound 5/7 (on average too; a single pair may land near it by chance)."""
+    torch.manual_seed(1)
+    module = ReflectSelect(17, 7, reflections=3).double()
+    with torch.no_grad():
+        bases = module(torch.randn(12, 17, dtype=torch.float64) * 3)
+    pairs = [_pairwise_mean(bases[[i, j]], ["x", "y"], "x", "y") for i in range(12) for j in range(i + 1, 12)]
+    assert min(pairs) >= 1 / 7 - 1e-12 and min(pairs) < 5 / 7 - 0.2 and sum(pairs) / len(pairs) < 5 / 7
+
+
 def test_a_basis_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=r"basis must be \(B, D, r\) with B = 2 groups, got \(5, 3\)"):
         SubspaceOverlap().add(torch.zeros(5, 3), ["a", "b"])
