@@ -81,7 +81,7 @@ class Encoded:
 @dataclass
 class BatchEvaluation:
     """One evaluation batch: label logits (B, P, V) and the selection used, per mode and reference, the
-    subspace module's per-example analysis vectors (``describe``: ReflectSelect's reflection v (B, D), ...) and
+    subspace module's per-example analysis vectors (``describe``: ReflectSelect's reflections v (B, K·D), ...) and
     the basis W it patched with ((B, D, r) per example, (D, r) static, None for the whole vector)."""
 
     logits: dict[str, torch.Tensor]

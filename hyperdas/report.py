@@ -193,7 +193,7 @@ def render_report(
             "## The subspaces chosen per example",
             "",
             "The first two principal components of the subspace module's per-example vectors (ReflectSelect: the "
-            "reflection v) over the test pairs, by attribute named in the instruction; the vectors are in "
+            "reflection vectors v, K of them concatenated) over the test pairs, by attribute named in the instruction; the vectors are in "
             "subspace_analysis.safetensors.",
             "",
             f"![pca]({figures['pca']})",
@@ -203,8 +203,9 @@ def render_report(
         parts += [
             "How much two examples' subspaces share: the mean cosine of their patch operators W Wᵀ (1 = the same "
             "subspace, 0 = orthogonal; for orthonormal W, the mean squared cosine of the principal angles), by "
-            "the attribute each instruction names (subspace_overlap.json). ReflectSelect's is at least (r − 2)/r "
-            "by construction: one reflection of a shared basis cannot give attributes subspaces of their own.",
+            "the attribute each instruction names (subspace_overlap.json). ReflectSelect's with K reflections is at "
+            "least (r − 2K)/r by construction: with the paper's K = 1, one reflection of a shared basis cannot give "
+            "attributes subspaces of their own.",
             "",
             overlap_table(overlap),
             "",

@@ -12,7 +12,8 @@ are formed; within a group the n_a pairs of an example with itself (cosine 1) ar
 
 ReflectSelect's W = (I − 2vvᵀ) R equals R on span(R) ∩ v⊥, so any two of its subspaces share at least r − 2
 dimensions and overlap by at least (r − 2)/r, whatever the editor does: one reflection cannot give different
-attributes different subspaces. MaskSelect's W = R diag(√m) can (disjoint masks overlap by 0).
+attributes different subspaces. With K reflections the bound is (r − 2K)/r. MaskSelect's W = R diag(√m) can
+(disjoint masks overlap by 0).
 """
 
 from __future__ import annotations
