@@ -193,8 +193,8 @@ def render_report(
             "## The subspaces chosen per example",
             "",
             "The first two principal components of the subspace module's per-example vectors (ReflectSelect: the "
-            "reflection vectors v, K of them concatenated) over the test pairs, by attribute named in the instruction; the vectors are in "
-            "subspace_analysis.safetensors.",
+            "reflection vectors v, K of them concatenated) over the test pairs, by attribute named in the "
+            "instruction; the vectors are in subspace_analysis.safetensors.",
             "",
             f"![pca]({figures['pca']})",
             "",
