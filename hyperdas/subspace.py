@@ -95,7 +95,8 @@ class ReflectSelect(nn.Module):
         basis = self.rotation()  # (D, r)
         vs = self.reflection(encoding).unflatten(-1, (self.reflections, -1))  # (B, K, D)
         v = vs[:, 0]
-        w = basis[None] - 2.0 * v[:, :, None] * (v @ basis)[:, None, :]  # H_1 R: (B, D, r)
+        # H_1 R from the shared (D, r) R, as with one reflection before K existed (the same rounding, bitwise)
+        w = basis[None] - 2.0 * v[:, :, None] * (v @ basis)[:, None, :]  # (B, D, r)
         for k in range(1, self.reflections):
             v = vs[:, k]
             w = w - 2.0 * v[:, :, None] * (v[:, None, :] @ w)  # H_k W

@@ -32,7 +32,7 @@ class SubspaceOverlap:
         """basis: (B, D, r) per-example W; groups: B names (e.g. the attribute each instruction names)."""
         if basis.dim() != 3 or basis.shape[0] != len(groups):
             raise ValueError(f"basis must be (B, D, r) with B = {len(groups)} groups, got {tuple(basis.shape)}")
-        w = basis.detach().to(torch.float64).cpu()
+        w = basis.detach().to(torch.float64)  # the sums stay on the basis' device (a GPU forms them there)
         norm = torch.linalg.matrix_norm(w.transpose(1, 2) @ w)  # ‖WᵀW‖_F = ‖P‖_F: (B,)
         w = w / norm.clamp_min(1e-300).sqrt()[:, None, None]  # so that W Wᵀ = P / ‖P‖_F
         for group in dict.fromkeys(groups):

@@ -384,6 +384,13 @@ MUTATIONS = (
         ("tests/hyperdas/test_targets.py",),
     ),
     Mutation(
+        "the learning curve pays for the subspace analysis it never shows",
+        "train/learning_curve.py",
+        "                analysis=False,\n",
+        "",
+        (CURVE_VS_PLAIN_RUN,),
+    ),
+    Mutation(
         "the learning curve pays for the ceiling it never shows",
         "train/learning_curve.py",
         "                ceiling=False,\n",

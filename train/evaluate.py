@@ -127,6 +127,7 @@ def evaluate(
     seed: int = 0,
     split: str = "test",
     ceiling: bool = True,
+    analysis: bool = True,
 ) -> Evaluation:
     """Exact match of the first 3 label tokens (teacher-forced) on one split, per mode and reference.
 
@@ -143,6 +144,8 @@ def evaluate(
         split: "test" (held-out templates: the result) or "train" (the pairs trained on: beside the test
             split's score it measures how much of the fit generalises).
         ceiling: also score ``CEILING`` (False: only the floor beside the modes, one patched pass fewer).
+        analysis: also collect the subspace vectors and their overlap (False: ``Evaluation.analysis`` is None,
+            and no (D, D) overlap sums are formed; a learning curve never reads them).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -182,6 +185,7 @@ def evaluate(
                 for b, index in enumerate(indices):
                     if soft is not None and heatmap_examples > 0 and index not in heatmaps:
                         heatmaps[index] = _heatmap_entry(batch, soft, b)
+            if rank == 0 and analysis:
                 fresh = [b for b, index in enumerate(indices) if index not in described]
                 described.update(indices)
                 for key, value in out.analysis.items():
@@ -204,7 +208,7 @@ def evaluate(
         if name in stats:
             metrics[name]["selection"] = summarize_selection(_gather(stats[name]))
     table = overlap.table() or None
-    analysis = Analysis({k: torch.cat(v) for k, v in vectors.items()}, labels, table) if vectors else None
+    collected = Analysis({k: torch.cat(v) for k, v in vectors.items()}, labels, table) if vectors else None
     pictured = []
     if heatmaps and "soft" in stats:
         shown = [r for r in stats["soft"] if r["index"] in heatmaps]
@@ -213,7 +217,7 @@ def evaluate(
             share = row["base_entity_share"]
             on_entity = "nothing moved" if share is None else f"{100 * share:.0f}% of moved mass on the base entity"
             pictured.append(entry | {"title": f"{entry['title']}: {on_entity}"})
-    return Evaluation(metrics, pictured, analysis, split)
+    return Evaluation(metrics, pictured, collected, split)
 
 
 def pick_heatmap_pairs(rows: list[dict], count: int) -> list[dict]:

@@ -58,6 +58,7 @@ def curve_point(engine, data, step: int, examples: int, batch_size: int, rank: i
                 seed=seed,
                 split=split,
                 ceiling=False,
+                analysis=False,
             )
             point[split] = {
                 name: {key: result.metrics[name]["overall"][key] for key in ("cause", "isolate", "disentangle")}

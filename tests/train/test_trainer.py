@@ -449,13 +449,21 @@ def test_a_learning_curve_changes_nothing_about_training_and_scores_the_model_of
     from hyperdas.train.evaluate import evaluate
     from hyperdas.train.learning_curve import read_curve
 
-    asked = []  # (split, max_examples, modes, ceiling) of every evaluation a point makes
-    scored = []  # the entries each of those evaluations returned
+    asked = []  # (split, max_examples, modes, ceiling, analysis) of every evaluation a point makes
+    scored = []  # the entries each of those evaluations returned, and whether it collected an analysis
 
     def recording_evaluate(engine, data, modes, batch_size, **kwargs):
-        asked.append((kwargs["split"], kwargs["max_examples"], tuple(modes), kwargs.get("ceiling", True)))
+        asked.append(
+            (
+                kwargs["split"],
+                kwargs["max_examples"],
+                tuple(modes),
+                kwargs.get("ceiling", True),
+                kwargs.get("analysis", True),
+            )
+        )
         result = evaluate(engine, data, modes, batch_size, **kwargs)
-        scored.append(sorted(result.metrics))
+        scored.append((sorted(result.metrics), result.analysis is not None))
         return result
 
     monkeypatch.setattr(learning_curve, "evaluate", recording_evaluate)
@@ -481,9 +489,10 @@ def test_a_learning_curve_changes_nothing_about_training_and_scores_the_model_of
 
     points = read_curve(out)
     assert [p["step"] for p in points] == [0, 2, 4, 5]  # the first step, every curve_every, the last
-    # each point scores both splits, and skips the ceiling's patched pass: the curve never shows it
-    assert asked == [("train", 7, ("soft",), False), ("test", 7, ("soft",), False)] * 4
-    assert scored == [["floor", "soft"]] * 8
+    # each point scores both splits, and skips the ceiling's patched pass and the subspace analysis (vectors and
+    # their (D, D) overlap sums): the curve never shows them
+    assert asked == [("train", 7, ("soft",), False, False), ("test", 7, ("soft",), False, False)] * 4
+    assert scored == [(["floor", "soft"], False)] * 8
     assert points == curved.state.curve
     for p in points:
         for split in ("train", "test"):
