@@ -173,6 +173,13 @@ class HyperDASConfig:
     #: K: ReflectSelect's Householder reflections per example, W = H_K ··· H_1 R. Paper: 1, with which any two
     #: examples' subspaces share r − 2 of r dimensions (README); K lets them differ in up to 2K.
     num_reflections: int = 1
+    #: one learned basis R_a per attribute instead of the paper's one shared R, picked by the attribute the pair's
+    #: instruction names: W = H_K ··· H_1 R_a (ReflectSelect) or W = R_a (DAS): each attribute gets a subspace of
+    #: its own, as MDAS trains one per attribute, while the editor still chooses WHERE (and reflects R_a).
+    basis_per_attribute: bool = False
+    #: which attribute each of those bases belongs to, in order: hyperdas train fills it from data.attributes
+    #: before it builds the model, and a saved model keeps it. None unless basis_per_attribute.
+    basis_attributes: list[str] | None = None
     #: L: editor depth, built from the target's first L decoder layers. Paper's best ablation: 8.
     chop_editor_at_layer: int = 2
     #: heads of the selection head; None = the target's number of attention heads.
@@ -270,6 +277,19 @@ class HyperDASConfig:
             raise ValueError(
                 f"num_reflections {self.num_reflections} applies to ReflectSelect only, not {self.subspace_module}"
             )
+        if self.basis_per_attribute and self.subspace_module not in (SubspaceModule.ReflectSelect, SubspaceModule.DAS):
+            raise ValueError(
+                f"basis_per_attribute applies to ReflectSelect and DAS (the modules with one basis R), "
+                f"not {self.subspace_module}"
+            )
+        if self.basis_attributes is not None:
+            if not self.basis_per_attribute:
+                raise ValueError(
+                    f"basis_attributes {self.basis_attributes} given without basis_per_attribute=true: "
+                    "set both, or neither"
+                )
+            if not self.basis_attributes or len(set(self.basis_attributes)) != len(self.basis_attributes):
+                raise ValueError(f"basis_attributes must name distinct attributes, got {self.basis_attributes}")
         if not 0.0 <= self.editor_dropout < 1.0:
             raise ValueError(f"editor_dropout must be in [0, 1), got {self.editor_dropout}")
         if self.num_editing_heads is not None and self.num_editing_heads < 1:

@@ -250,23 +250,32 @@ def _gram_schmidt(p: torch.Tensor) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
-def _basis(model: HyperDAS, encoding: torch.Tensor) -> torch.Tensor | None:
+def _rotations(model: HyperDAS, batch: PairBatch, b: int) -> torch.Tensor:
+    """R per example (B, D, r): the shared basis, or the basis of the attribute each example's instruction names."""
+    weight = _wide(model.subspace.rotation.weight)
+    if not model.config.basis_per_attribute:
+        return _gram_schmidt(weight)[None].expand(b, -1, -1)
+    bank = {name: _gram_schmidt(weight[i]) for i, name in enumerate(model.config.basis_attributes)}
+    return torch.stack([bank[name] for name in batch.attribute])
+
+
+def _basis(model: HyperDAS, encoding: torch.Tensor, batch: PairBatch) -> torch.Tensor | None:
     """W (B, D, r) of the model's subspace module, or None for the full vector."""
     sub = model.subspace
     name = model.config.subspace_module
     if name == "full":
         return None
-    rotation = _gram_schmidt(_wide(sub.rotation.weight))  # (D, r)
     b = encoding.shape[0]
+    rotation = _rotations(model, batch, b)  # (B, D, r)
     e = _wide(encoding)
     if name == "DAS":
-        return rotation[None].expand(b, -1, -1)
+        return rotation
     mlp = sub.reflector if name == "ReflectSelect" else sub.mask_logits
     out = _wide(_swiglu(_rms_norm(e, mlp.norm), mlp.gate, mlp.up, mlp.down))
     if name == "ReflectSelect":
-        d = rotation.shape[0]
+        d = rotation.shape[1]
         eye = torch.eye(d, dtype=out.dtype, device=out.device)
-        basis = rotation[None].expand(b, -1, -1)
+        basis = rotation
         for k in range(out.shape[-1] // d):  # W = H_K ··· H_1 R
             v = out[:, k * d : (k + 1) * d]
             v = v / v.norm(dim=-1, keepdim=True)
@@ -275,7 +284,7 @@ def _basis(model: HyperDAS, encoding: torch.Tensor) -> torch.Tensor | None:
         return basis
     if name == "MaskSelect":
         mask = torch.sigmoid(out / float(sub.temperature))  # (B, r)
-        return rotation[None] * mask.sqrt()[:, None, :]
+        return rotation * mask.sqrt()[:, None, :]
     raise ValueError(f"unknown subspace module {name!r}")
 
 
@@ -363,7 +372,7 @@ def _literal_four_pass(model, batch, mode, loss_weights, block_masks=None):
     selection = selection.to(h.dtype)
     taken = (selection[:, :-1, :, None] * s[:, :, None, :]).sum(dim=1)  # (B, Ts, Tb, D) summed over Ts
     mixed = taken + selection[:, -1, :, None] * h  # s̃: (B, Tb, D)
-    basis = _basis(model, encoding)
+    basis = _basis(model, encoding, batch)
     if basis is None:
         patched = mixed
     else:

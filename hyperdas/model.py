@@ -193,8 +193,18 @@ class HyperDAS(nn.Module):
             # WHICH without WHERE: no step reads the head, so it is frozen rather than left to the optimizer,
             # which under ZeRO-3 moved it anyway (tests/train/test_deepspeed_zero.py)
             self.selection_head.requires_grad_(False)
+        if config.basis_per_attribute and not config.basis_attributes:
+            raise ValueError(
+                "basis_per_attribute needs basis_attributes, the attributes to keep a basis for (hyperdas train "
+                "fills it from data.attributes; in Python, set config.basis_attributes=[...])"
+            )
         self.subspace = build_subspace(
-            config.subspace_module, d, config.das_dimension, config.mask_temperature_start, config.num_reflections
+            config.subspace_module,
+            d,
+            config.das_dimension,
+            config.mask_temperature_start,
+            config.num_reflections,
+            len(config.basis_attributes) if config.basis_per_attribute else None,
         )
         # training anneals it from the start value (set_progress); a built or loaded model selects at the end one
         self.selection_temperature = config.selection_temperature_end
@@ -325,6 +335,24 @@ class HyperDAS(nn.Module):
                 "own attributes, or train one that includes these"
             )
 
+    def attribute_index(self, batch: PairBatch, device: torch.device) -> torch.Tensor | None:
+        """Each example's row in the per-attribute bases (B,) long, or None when the basis is shared."""
+        if not self.config.basis_per_attribute:
+            return None
+        names = self.config.basis_attributes
+        if batch.attribute is None:
+            raise ValueError(
+                f"this model keeps one basis per attribute ({', '.join(names)}): the batch must say each "
+                "example's attribute (PairBatch.attribute)"
+            )
+        unknown = sorted(set(batch.attribute) - set(names))
+        if unknown:
+            raise ValueError(
+                f"this model keeps bases for {', '.join(names)}; the batch asks for {', '.join(unknown)}, which has "
+                "none"
+            )
+        return torch.tensor([names.index(a) for a in batch.attribute], dtype=torch.long, device=device)
+
     def encode(self, batch: PairBatch, states: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded:
         """Everything of a step that does not depend on the selection mode: states, encoding, soft A, basis W."""
         if batch.attribute is not None:
@@ -364,7 +392,8 @@ class HyperDAS(nn.Module):
             use_triton=use_triton,
         )
         soft = sharpen(soft, self.selection_temperature)  # (B, Ts+1, Tb)
-        basis = self.subspace(encoding)  # W: (B, D, r), (D, r) or None (the whole vector)
+        # W: (B, D, r), (D, r) or None (the whole vector)
+        basis = self.subspace(encoding, self.attribute_index(batch, encoding.device))
         return Encoded(h, s, encoding, soft, basis, base_mask, source_mask)
 
     def select(self, batch: PairBatch, encoded: Encoded, mode: str) -> torch.Tensor:

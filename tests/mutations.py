@@ -36,6 +36,9 @@ class Mutation:
 
 
 MODEL_VS_ORACLE = "tests/hyperdas/test_model.py::test_two_pass_step_equals_literal_four_pass"
+PER_ATTRIBUTE_VS_ORACLE = (
+    "tests/hyperdas/test_model.py::test_one_basis_per_attribute_equals_the_literal_step_with_each_examples_own_basis"
+)
 ENTITY_SCOPE_VS_ORACLE = (
     "tests/hyperdas/test_model.py::test_an_entity_scoped_step_equals_the_literal_step_on_masks_cut_to_the_entities"
 )
@@ -124,6 +127,20 @@ MUTATIONS = (
         "for k in range(1, self.reflections):",
         "for k in range(1, 1):",
         ("tests/hyperdas/test_model.py::test_several_reflections_equal_the_literal_product_of_householder_matrices",),
+    ),
+    Mutation(
+        "per-attribute bases: every example gets the first attribute's basis",
+        "hyperdas/subspace.py",
+        "return rotation[attribute_index]  # (B, D, r)",
+        "return rotation[torch.zeros_like(attribute_index)]  # (B, D, r)",
+        (PER_ATTRIBUTE_VS_ORACLE,),
+    ),
+    Mutation(
+        "per-attribute bases: the model's index of an attribute counts from the end",
+        "hyperdas/model.py",
+        "return torch.tensor([names.index(a) for a in batch.attribute], dtype=torch.long, device=device)",
+        "return torch.tensor([-1 - names.index(a) for a in batch.attribute], dtype=torch.long, device=device)",
+        (PER_ATTRIBUTE_VS_ORACLE,),
     ),
     Mutation(
         "editor dropout applied after the MLP's residual instead of to its output",

@@ -176,10 +176,20 @@ class Trainer:
         """Build the engine and the data; restore the last checkpoint when resuming."""
         cfg = self.config
         torch.manual_seed(cfg.seed)
+        if cfg.model.basis_per_attribute and cfg.model.basis_attributes is None:
+            # the bases are built with the model, before the data is: one per attribute the run asks for
+            cfg.model.basis_attributes = sorted(cfg.data_request().requested_attributes())
         self.engine = self.setup.build(cfg)
         self.data = load_run_data(cfg, self.engine.model.target, self.setup)
         # the instruction routes by attribute name: record which the editor learns, so no other is ever scored
-        self.engine.model.config.trained_attributes = sorted(set(self.data.train["attribute"]))
+        trained = sorted(set(self.data.train["attribute"]))
+        self.engine.model.config.trained_attributes = trained
+        without = sorted(set(trained) - set(cfg.model.basis_attributes or trained))
+        if without:
+            raise ValueError(
+                f"model.basis_attributes {cfg.model.basis_attributes} has no basis for {without}, which the "
+                "training data asks; name every attribute of data.attributes, or leave it null to take them"
+            )
         mine = process_examples(len(self.data.train), cfg.global_batch_size, self.setup.rank, self.setup.world_size)
         cache_train_states(self.data, self.engine.model.target, cfg, self.setup, mine)
         if self.setup.is_main:

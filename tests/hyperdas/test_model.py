@@ -343,6 +343,82 @@ def test_several_reflections_equal_the_literal_product_of_householder_matrices(t
     assert (w - first_only).abs().max() > 1e-3  # the later reflections do act
 
 
+@pytest.mark.parametrize(
+    ("subspace", "reflections", "mode"),
+    [("ReflectSelect", 1, "soft"), ("ReflectSelect", 2, "column_argmax"), ("DAS", 1, "soft")],
+)
+def test_one_basis_per_attribute_equals_the_literal_step_with_each_examples_own_basis(
+    target64, subspace, reflections, mode, llama_in_float64
+):
+    """basis_per_attribute: W = H_K ··· H_1 R_a, R_a the basis of the attribute the example's instruction names,
+    against the literal path, which orthonormalises each basis by Gram-Schmidt and picks it by name: same loss,
+    logits, every gradient. The basis of an attribute no example asks gets no gradient; the others do."""
+    attributes = ["Continent", "Country", "Language"]
+    model = _model(
+        target64,
+        subspace_module=subspace,
+        num_reflections=reflections,
+        basis_per_attribute=True,
+        basis_attributes=attributes,
+    )
+    assert model.subspace.rotation.weight.shape == (3, target64.hidden_size, 5)
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
+    batch.attribute = ["Language", "Continent", "Language"]
+    _, grads = _assert_step_equals_literal(model, batch, mode, LossWeights(causal=3.5, isolate=0.5, sparsity=0.7))
+    bank = grads["subspace.rotation.weight"]  # (3, D, r)
+    assert bank[1].abs().max() == 0  # Country: asked by no example
+    assert bank[0].abs().max() > 0 and bank[2].abs().max() > 0
+    with torch.no_grad():
+        encoding = torch.randn(3, target64.hidden_size, dtype=torch.float64)
+        rotations = model.subspace.rotation()  # (3, D, r), each orthonormal
+        w = model.subspace(encoding, torch.tensor([0, 1, 2]))
+        w_same = model.subspace(encoding, torch.tensor([0, 0, 0]))
+    torch.testing.assert_close(rotations.transpose(1, 2) @ rotations, torch.eye(5, dtype=torch.float64).expand(3, 5, 5))
+    torch.testing.assert_close(w[0], w_same[0])  # the same attribute, the same W
+    assert (w[1:] - w_same[1:]).abs().max() > 1e-3  # another attribute's basis gives another W
+
+
+def test_per_attribute_bases_refuse_what_they_cannot_route(target64, tmp_path):
+    """A batch without attributes, or with one that has no basis, is refused before any work; the bases and
+    their attributes survive save and load."""
+    with pytest.raises(ValueError, match="basis_per_attribute needs basis_attributes"):
+        _model(target64, basis_per_attribute=True)
+    model = _model(target64, basis_per_attribute=True, basis_attributes=["Country", "Language"])
+    batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
+    batch.attribute = None
+    with pytest.raises(ValueError, match="one basis per attribute \\(Country, Language\\): the batch must say"):
+        model(batch)
+    batch.attribute = ["Country", "Continent", "Language"]
+    with pytest.raises(ValueError, match="keeps bases for Country, Language; the batch asks for Continent"):
+        model(batch)
+    batch.attribute = ["Country", "Language", "Language"]
+    out = model(batch)
+    model.save_pretrained(tmp_path / "m")
+    loaded = HyperDAS.from_pretrained(tmp_path / "m", target=target64)
+    assert loaded.config.basis_attributes == ["Country", "Language"]
+    torch.testing.assert_close(loaded(batch).logits, out.logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"basis_per_attribute": True, "basis_attributes": ["Country"], "subspace_module": "MaskSelect"},
+            r"basis_per_attribute applies to ReflectSelect and DAS .* not MaskSelect",
+        ),
+        ({"basis_attributes": ["Country"]}, r"basis_attributes \['Country'\] given without basis_per_attribute"),
+        (
+            {"basis_per_attribute": True, "basis_attributes": ["Country", "Country"]},
+            r"basis_attributes must name distinct attributes",
+        ),
+        ({"basis_per_attribute": True, "basis_attributes": []}, r"basis_attributes must name distinct attributes"),
+    ],
+)
+def test_bad_per_attribute_settings_are_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        HyperDASConfig(target="tiny", **overrides).validate()
+
+
 class _GivenMasks(torch.nn.Module):
     """Stands in for a layer's dropout: multiplies each block's output by the next of the given masks."""
 

@@ -342,9 +342,9 @@ def test_mask_select_anneals_over_the_steps_and_is_saved_at_the_end(tiny_run, mo
     seen = []
     real_forward = MaskSelect.forward
 
-    def recording(self, encoding):
+    def recording(self, encoding, attribute_index=None):
         seen.append(self.temperature)
-        return real_forward(self, encoding)
+        return real_forward(self, encoding, attribute_index)
 
     monkeypatch.setattr(MaskSelect, "forward", recording)
     trainer = _train_only(config, setup)
@@ -436,6 +436,31 @@ def test_groundtruth_training_patches_the_entity_tokens_and_trains_the_subspace_
         assert torch.equal(selection, expected)
     assert all(torch.equal(p.detach(), head[n]) for n, p in model.selection_head.named_parameters())
     assert any(not torch.equal(p.detach(), subspace[n]) for n, p in model.subspace.named_parameters())
+
+
+def test_per_attribute_bases_are_built_for_the_runs_attributes_and_train_only_where_asked(tiny_run, tmp_path):
+    """model.basis_per_attribute=true: the trainer names the bases after data.attributes before it builds the
+    model (Country, Continent, Language); the data trains Country and Continent only, so Language's basis stays at
+    its initialisation (the rotation group has no weight decay) while theirs move; the export keeps the names.
+    Bases named explicitly without one of the data's attributes are refused before training."""
+    config, setup = tiny_run
+    config.model.basis_per_attribute = True
+    trainer = Trainer(config, setup)
+    trainer.prepare()
+    model = trainer.engine.model
+    assert model.config.basis_attributes == ["Continent", "Country", "Language"]
+    assert model.config.trained_attributes == ["Continent", "Country"]
+    start = model.subspace.rotation.weight.detach().clone()
+    trainer.train()
+    moved = (model.subspace.rotation.weight.detach() - start).flatten(1).abs().amax(dim=1)
+    assert moved[0] > 0 and moved[1] > 0 and moved[2] == 0
+    trainer.engine.export_trained(tmp_path / "export")
+    loaded = HyperDAS.from_pretrained(tmp_path / "export", target=model.target)
+    assert loaded.config.basis_attributes == ["Continent", "Country", "Language"]
+    config.model.basis_attributes = ["Country"]
+    config.out_dir = str(tmp_path / "run2")
+    with pytest.raises(ValueError, match=r"basis_attributes \['Country'\] has no basis for \['Continent'\]"):
+        Trainer(config, setup).prepare()
 
 
 def _trained_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
