@@ -24,6 +24,8 @@ from statistics import fmean
 
 import torch
 
+from hyperdas.data.batch import entity_span_mask
+
 SHARES = ("base_entity_share", "last_entity_share", "source_entity_share", "entity_to_entity_share")
 POSITION_CLASSES = ("before", "entity", "last", "after")
 
@@ -40,12 +42,10 @@ def selection_stats(selection: torch.Tensor, batch: Mapping[str, object]) -> lis
     """Per-example statistics of a selection (B, Ts+1, Tb) against the batch's entity spans (see module doc)."""
     ts, tb = selection.shape[1] - 1, selection.shape[2]
     taken = selection[:, :ts].double()  # (B, Ts, Tb)
-    base_pos = torch.arange(tb)
-    source_pos = torch.arange(ts)
     base_first, base_last = batch.base_entity_first.cpu(), batch.base_entity_last.cpu()
     source_first, source_last = batch.source_entity_first.cpu(), batch.source_entity_last.cpu()
-    in_base = (base_pos[None] >= base_first[:, None]) & (base_pos[None] <= base_last[:, None])  # (B, Tb)
-    in_source = (source_pos[None] >= source_first[:, None]) & (source_pos[None] <= source_last[:, None])  # (B, Ts)
+    in_base = entity_span_mask(base_first, base_last, tb)  # (B, Tb)
+    in_source = entity_span_mask(source_first, source_last, ts)  # (B, Ts)
     moved = taken.sum(dim=(1, 2))
     into_base = (taken * in_base[:, None, :]).sum(dim=(1, 2))
     into_last = taken[torch.arange(len(base_last)), :, base_last].sum(dim=1)

@@ -41,6 +41,12 @@ from dataclasses import dataclass
 import torch
 
 
+def entity_span_mask(first: torch.Tensor, last: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) bool: True on each row's entity tokens, first[b]..last[b] inclusive (first, last: (B,))."""
+    index = torch.arange(length, device=first.device)
+    return (index >= first[:, None]) & (index <= last[:, None])
+
+
 @dataclass
 class PairBatch:
     """B collated (base, source, instruction) examples; the fields and their shapes are the module's table."""
@@ -93,8 +99,7 @@ class PairBatch:
                 f"this batch has no {run} entity positions ({run}_entity_first, {run}_entity_last), which a "
                 "selection restricted to the entity needs: the collator sets them; a hand-built batch must too"
             )
-        index = torch.arange(getattr(self, f"{run}_input_ids").shape[1], device=first.device)
-        return (index >= first[:, None]) & (index <= last[:, None])
+        return entity_span_mask(first, last, getattr(self, f"{run}_input_ids").shape[1])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
         """The batch with every tensor on ``device`` (the string lists are shared)."""
