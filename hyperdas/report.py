@@ -203,9 +203,10 @@ def render_report(
         parts += [
             "How much two examples' subspaces share: the mean cosine of their patch operators W Wᵀ (1 = the same "
             "subspace, 0 = orthogonal; for orthonormal W, the mean squared cosine of the principal angles), by "
-            "the attribute each instruction names (subspace_overlap.json). ReflectSelect's with K reflections is at "
-            "least (r − 2K)/r by construction: with the paper's K = 1, one reflection of a shared basis cannot give "
-            "attributes subspaces of their own.",
+            "the attribute each instruction names (subspace_overlap.json). ReflectSelect's with K reflections of "
+            "one shared basis is at least (r − 2K)/r by construction: with the paper's K = 1, one reflection of a "
+            "shared basis cannot give attributes subspaces of their own (model.basis_per_attribute gives each "
+            "attribute its own basis).",
             "",
             overlap_table(overlap),
             "",
