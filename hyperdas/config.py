@@ -58,6 +58,7 @@ class PositionScope(StrEnum):
 
     prefix = "prefix"  # the paper's: every prefix token, the template's words and in-context example included
     entity = "entity"  # only the run's entity tokens
+    entity_last = "entity_last"  # only the run's last entity token: the position MDAS patches
 
 
 class DType(StrEnum):
@@ -214,6 +215,8 @@ class HyperDASConfig:
     #: before the suffix) or "entity" (only that run's entity tokens). The editor's keys of that run are masked
     #: alike, as the intervention mask masks them (METHOD.md §2). "entity" keeps WHERE on the entities while the
     #: head still chooses among their tokens: the soft selection otherwise moves mostly template words.
+    #: "entity_last": only the last entity token, MDAS's position; on the base side the head then chooses only
+    #: what that token takes and from which source tokens (WHERE in the source, not in the base).
     selectable_base: PositionScope = PositionScope.prefix
     selectable_source: PositionScope = PositionScope.prefix
     #: the attributes the model was trained to localise (set by the trainer from its training data): a batch

@@ -65,8 +65,8 @@ class Encoded:
         encoding: the editor's encoding e (B, D).
         soft: the soft selection A (B, Ts+1, Tb), float32.
         basis: W (B, D, r), (D, r), or None for the whole vector.
-        base_mask, source_mask: (B, Tb), (B, Ts) bool selectable positions (cut to the entity where
-            config.selectable_base / selectable_source is "entity").
+        base_mask, source_mask: (B, Tb), (B, Ts) bool selectable positions (cut to the entity, or to its last
+            token, where config.selectable_base / selectable_source says so).
     """
 
     h: torch.Tensor
@@ -366,10 +366,12 @@ class HyperDAS(nn.Module):
             )
         base_mask = batch.base_intervention_mask.bool()
         source_mask = batch.source_intervention_mask.bool()
-        if self.config.selectable_base == PositionScope.entity:
-            base_mask = base_mask & batch.entity_mask("base")
-        if self.config.selectable_source == PositionScope.entity:
-            source_mask = source_mask & batch.entity_mask("source")
+        if self.config.selectable_base != PositionScope.prefix:
+            base_mask = base_mask & batch.entity_mask("base", self.config.selectable_base == PositionScope.entity_last)
+        if self.config.selectable_source != PositionScope.prefix:
+            source_mask = source_mask & batch.entity_mask(
+                "source", self.config.selectable_source == PositionScope.entity_last
+            )
         source_keys = RunKeys.from_states(source_states, batch.source_attention_mask, source_mask)
         base_keys = RunKeys.from_states(base_states, batch.base_attention_mask, base_mask)
         encoding = self.editor(

@@ -422,6 +422,13 @@ MUTATIONS = (
         (ENTITY_SCOPE_VS_ORACLE,),
     ),
     Mutation(
+        "the last-entity-token scope takes the whole entity",
+        "hyperdas/data/batch.py",
+        "entity_span_mask(last if last_only else first, last,",
+        "entity_span_mask(first, last,",
+        (ENTITY_SCOPE_VS_ORACLE,),
+    ),
+    Mutation(
         "selectable_base=entity is ignored",
         "hyperdas/model.py",
         '            base_mask = base_mask & batch.entity_mask("base")\n',

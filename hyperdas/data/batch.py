@@ -91,15 +91,16 @@ class PairBatch:
     def has_labels(self) -> bool:
         return self.label_ids is not None
 
-    def entity_mask(self, run: str) -> torch.Tensor:
-        """(B, T) bool of ``run`` ("base" or "source"): True on each row's entity tokens, first..last."""
+    def entity_mask(self, run: str, last_only: bool = False) -> torch.Tensor:
+        """(B, T) bool of ``run`` ("base" or "source"): True on each row's entity tokens, first..last (on the
+        last one alone with ``last_only``)."""
         first, last = getattr(self, f"{run}_entity_first"), getattr(self, f"{run}_entity_last")
         if first is None or last is None:
             raise ValueError(
                 f"this batch has no {run} entity positions ({run}_entity_first, {run}_entity_last), which a "
                 "selection restricted to the entity needs: the collator sets them; a hand-built batch must too"
             )
-        return entity_span_mask(first, last, getattr(self, f"{run}_input_ids").shape[1])
+        return entity_span_mask(last if last_only else first, last, getattr(self, f"{run}_input_ids").shape[1])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
         """The batch with every tensor on ``device`` (the string lists are shared)."""

@@ -232,8 +232,14 @@ def test_loading_into_a_mismatched_config_is_a_clear_error(target64, tmp_path):
         ({"das_dimension": 41}, r"das_dimension 41 exceeds the target's hidden size 40"),
         ({"subspace_module": "BoundlessDAS"}, r"unknown subspace_module 'BoundlessDAS'"),
         ({"chop_editor_at_layer": 4}, r"chop_editor_at_layer 4 exceeds"),
-        ({"selectable_base": "suffix"}, r"unknown selectable_base 'suffix'; allowed: \['prefix', 'entity'\]"),
-        ({"selectable_source": "all"}, r"unknown selectable_source 'all'; allowed: \['prefix', 'entity'\]"),
+        (
+            {"selectable_base": "suffix"},
+            r"unknown selectable_base 'suffix'; allowed: \['prefix', 'entity', 'entity_last'\]",
+        ),
+        (
+            {"selectable_source": "all"},
+            r"unknown selectable_source 'all'; allowed: \['prefix', 'entity', 'entity_last'\]",
+        ),
         ({"editor_dropout": 1.0}, r"editor_dropout must be in \[0, 1\), got 1.0"),
         ({"num_reflections": 0}, r"num_reflections must be >= 1, got 0"),
         (
@@ -458,33 +464,45 @@ def test_editor_dropout_drops_every_blocks_output_before_the_residual_and_only_i
     torch.testing.assert_close(dropping(batch, loss_weights=weights).loss, plain_loss, rtol=0, atol=0)
 
 
-def _cut_to_entities(batch, run: str) -> torch.Tensor:
-    """The run's intervention mask cut to its entity span, position by position (not by the code under test)."""
+def _cut_to_entities(batch, run: str, last_only: bool = False) -> torch.Tensor:
+    """The run's intervention mask cut to its entity span (or its last token), position by position (not by the
+    code under test)."""
     allowed = getattr(batch, f"{run}_intervention_mask")
     first, last = getattr(batch, f"{run}_entity_first"), getattr(batch, f"{run}_entity_last")
     cut = torch.zeros_like(allowed)
     for b in range(allowed.shape[0]):
         for j in range(allowed.shape[1]):
-            cut[b, j] = bool(allowed[b, j]) and int(first[b]) <= j <= int(last[b])
+            lowest = int(last[b]) if last_only else int(first[b])
+            cut[b, j] = bool(allowed[b, j]) and lowest <= j <= int(last[b])
     return cut
 
 
 @pytest.mark.parametrize("mode", ["soft", "bidding_argmax"])
 @pytest.mark.parametrize(
-    ("base_scope", "source_scope"), [("entity", "prefix"), ("prefix", "entity"), ("entity", "entity")]
+    ("base_scope", "source_scope"),
+    [
+        ("entity", "prefix"),
+        ("prefix", "entity"),
+        ("entity", "entity"),
+        ("entity_last", "entity"),
+        ("prefix", "entity_last"),
+    ],
 )
 def test_an_entity_scoped_step_equals_the_literal_step_on_masks_cut_to_the_entities(
     target64, mode, base_scope, source_scope, llama_in_float64
 ):
-    """selectable_base / selectable_source = entity is the literal METHOD.md step with that run's intervention
-    mask cut to its entity's tokens (entities of 1, 2 and 3 tokens); the literal path reads the cut masks for the
-    editor's keys, the head and the patch alike."""
+    """selectable_base / selectable_source = entity (entity_last) is the literal METHOD.md step with that run's
+    intervention mask cut to its entity's tokens (its last one; entities of 1, 2 and 3 tokens); the literal path
+    reads the cut masks for the editor's keys, the head and the patch alike."""
     batch = make_batch(VOCAB, batch=3, tb=9, ts=7, te=5)
     batch.base_entity_first = batch.base_entity_last - torch.tensor([0, 1, 2])
     batch.source_entity_first = batch.source_entity_last - torch.tensor([2, 0, 1])
+    scopes = {"base": base_scope, "source": source_scope}
     cut = {
-        "base": _cut_to_entities(batch, "base") if base_scope == "entity" else batch.base_intervention_mask,
-        "source": _cut_to_entities(batch, "source") if source_scope == "entity" else batch.source_intervention_mask,
+        run: getattr(batch, f"{run}_intervention_mask")
+        if scope == "prefix"
+        else _cut_to_entities(batch, run, last_only=scope == "entity_last")
+        for run, scope in scopes.items()
     }
     assert _cut_to_entities(batch, "base").sum(dim=1).tolist() == [1, 2, 3]
     assert _cut_to_entities(batch, "source").sum(dim=1).tolist() == [3, 1, 2]
@@ -502,8 +520,11 @@ def test_an_entity_scoped_step_equals_the_literal_step_on_masks_cut_to_the_entit
         assert (keeps[written] < 1).all() and (taken[cut["source"].bool()] > 0).all()
     prefix = _model(target64)(batch, mode=mode, loss_weights=weights)
     assert not torch.allclose(prefix.loss, out.loss)  # the scope changes what is patched
-    run = "base" if base_scope == "entity" else "source"
-    setattr(batch, f"{run}_entity_first", None)
+    for run, scope in scopes.items():
+        if scope == "entity_last":  # one token per row, the one MDAS patches
+            assert torch.equal(cut[run].sum(dim=1), torch.ones(3, dtype=cut[run].dtype))
+    run = "base" if base_scope != "prefix" else "source"
+    setattr(batch, f"{run}_entity_last", None)
     with pytest.raises(ValueError, match=f"no {run} entity positions"):
         model(batch, mode=mode)
 
