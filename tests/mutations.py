@@ -429,16 +429,20 @@ MUTATIONS = (
         (ENTITY_SCOPE_VS_ORACLE,),
     ),
     Mutation(
-        "selectable_base=entity is ignored",
+        "selectable_base=entity (or entity_last) is ignored",
         "hyperdas/model.py",
-        '            base_mask = base_mask & batch.entity_mask("base")\n',
+        '            base_mask = base_mask & batch.entity_mask("base", self.config.selectable_base == '
+        "PositionScope.entity_last)\n",
         "            pass\n",
         (ENTITY_SCOPE_VS_ORACLE,),
     ),
     Mutation(
-        "selectable_source=entity is ignored",
+        "selectable_source=entity (or entity_last) is ignored",
         "hyperdas/model.py",
-        '            source_mask = source_mask & batch.entity_mask("source")\n',
+        """            source_mask = source_mask & batch.entity_mask(
+                "source", self.config.selectable_source == PositionScope.entity_last
+            )
+""",
         "            pass\n",
         (ENTITY_SCOPE_VS_ORACLE,),
     ),
